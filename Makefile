@@ -1,0 +1,40 @@
+# The documented entry points: make demo, make test (both set up .venv first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch is installed on machines without an NVIDIA GPU; on a GPU
+# machine, install a CUDA torch into .venv first (see README) and it is kept.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint docs doctest bench bench-smoke clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test,dev,docs,bench]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/two_moons.py --out outputs/demo
+
+test: $(STAMP) lint docs
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pyro_nf tests examples benchmarks docs
+	$(VENV)/bin/ruff format --check pyro_nf tests examples benchmarks docs
+
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --out docs/benchmarks.md
+
+clean:
+	rm -rf docs/_build outputs
