@@ -295,6 +295,7 @@ class InverseTransformModule(FlowTransformModule):
             raise TypeError(f"InverseTransformModule: expected a FlowTransform, got {type(base).__name__}")
         super().__init__(cache_size=base._cache_size)
         self.base = base
+        base._inv = weakref.ref(self)
         self.domain = base.codomain
         self.codomain = base.domain
         self.parallel = {"forward": "inverse", "inverse": "forward"}.get(base.parallel, "both")  # type: ignore[assignment]
@@ -303,6 +304,19 @@ class InverseTransformModule(FlowTransformModule):
 
     def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
         return self.base._stamp_sources()
+
+    # Pyro's interface goes through the base, so both share one kept pair.
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.base._inv_call(x)
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        return self.base(y)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return -self.base.log_abs_det_jacobian(y, x)
+
+    def clear_cache(self) -> None:
+        self.base.clear_cache()
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y, log_det = self.base.inverse_and_log_det(x)

@@ -151,7 +151,7 @@ class ConditionalAffineAutoregressive(ConditionalTransformModule):
         self.log_scale_bound = log_scale_bound
 
     def condition(self, context: Tensor) -> ConditionedAffineAutoregressive:
-        check_context(context, self.made.context_dim, self.made.input_layer.weight)
+        check_context(context, self.made.context_dim, self.made.output_layer.weight)
         return ConditionedAffineAutoregressive(self.made, self.parallel, context, self.scale, self.log_scale_bound)
 
 

@@ -139,7 +139,7 @@ class ConditionalAffineCoupling(ConditionalTransformModule):
         self.register_buffer("kept", kept)
 
     def condition(self, context: Tensor) -> ConditionedAffineCoupling:
-        check_context(context, self.net.context_dim, self.net.input_layer.weight)
+        check_context(context, self.net.context_dim, self.net.output_layer.weight)
         return ConditionedAffineCoupling(self.net, self.kept, context, self.scale, self.log_scale_bound)
 
 
