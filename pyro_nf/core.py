@@ -81,8 +81,7 @@ def check_tensor(
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if not value.dtype.is_floating_point:
         raise TypeError(
-            f"{name}: expected a floating-point tensor, got dtype {value.dtype}; "
-            "convert it with .float() or .double()"
+            f"{name}: expected a floating-point tensor, got dtype {value.dtype}; convert it with .float() or .double()"
         )
     if like is not None:
         if value.device != like.device:
@@ -91,10 +90,7 @@ def check_tensor(
                 f"parameters are), got one on {value.device}; move it with .to({str(like.device)!r})"
             )
         if value.dtype != like.dtype:
-            raise TypeError(
-                f"{name}: expected dtype {like.dtype} (the transform's parameter dtype), "
-                f"got {value.dtype}"
-            )
+            raise TypeError(f"{name}: expected dtype {like.dtype} (the transform's parameter dtype), got {value.dtype}")
     if event_shape is not None:
         event_shape = tuple(event_shape)
         n = len(event_shape)

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import pyro.distributions as dist
 import torch
-from pyro.distributions import ConditionalTransformModule
 from pyro.distributions.conditional import ConditionalTransform
 from torch import Tensor, nn
 from torch.distributions import Transform

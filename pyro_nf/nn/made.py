@@ -36,7 +36,9 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.weight * self.mask, self.bias)
 
 
-def input_degrees(input_dim: int, order: Order | Sequence[int] | Tensor, generator: torch.Generator | None = None) -> Tensor:
+def input_degrees(
+    input_dim: int, order: Order | Sequence[int] | Tensor, generator: torch.Generator | None = None
+) -> Tensor:
     """Degrees ``1..D`` of the inputs for a named order or an explicit permutation."""
     if isinstance(order, str):
         if order == "natural":

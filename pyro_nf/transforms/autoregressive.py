@@ -255,8 +255,18 @@ def maf(
     """
     return FlowStack(
         _autoregressive_stack(
-            input_dim, 0, "inverse", hidden_dims, num_transforms, permutation,
-            batch_norm, residual, activation, scale, log_scale_bound, seed,
+            input_dim,
+            0,
+            "inverse",
+            hidden_dims,
+            num_transforms,
+            permutation,
+            batch_norm,
+            residual,
+            activation,
+            scale,
+            log_scale_bound,
+            seed,
         )
     )
 
@@ -288,8 +298,18 @@ def iaf(
     """
     return FlowStack(
         _autoregressive_stack(
-            input_dim, 0, "forward", hidden_dims, num_transforms, permutation,
-            batch_norm, residual, activation, scale, log_scale_bound, seed,
+            input_dim,
+            0,
+            "forward",
+            hidden_dims,
+            num_transforms,
+            permutation,
+            batch_norm,
+            residual,
+            activation,
+            scale,
+            log_scale_bound,
+            seed,
         )
     )
 
@@ -318,8 +338,18 @@ def conditional_maf(
     """
     return ConditionalFlowStack(
         _autoregressive_stack(
-            input_dim, context_dim, "inverse", hidden_dims, num_transforms, permutation,
-            batch_norm, residual, activation, scale, log_scale_bound, seed,
+            input_dim,
+            context_dim,
+            "inverse",
+            hidden_dims,
+            num_transforms,
+            permutation,
+            batch_norm,
+            residual,
+            activation,
+            scale,
+            log_scale_bound,
+            seed,
         )
     )
 
@@ -348,7 +378,17 @@ def conditional_iaf(
     """
     return ConditionalFlowStack(
         _autoregressive_stack(
-            input_dim, context_dim, "forward", hidden_dims, num_transforms, permutation,
-            batch_norm, residual, activation, scale, log_scale_bound, seed,
+            input_dim,
+            context_dim,
+            "forward",
+            hidden_dims,
+            num_transforms,
+            permutation,
+            batch_norm,
+            residual,
+            activation,
+            scale,
+            log_scale_bound,
+            seed,
         )
     )
