@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint docs doctest bench bench-smoke clean
+.PHONY: setup demo test test-fast lint typecheck docs bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pyro_nf tests examples benchmarks docs
 	$(VENV)/bin/ruff format --check pyro_nf tests examples benchmarks docs
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy pyro_nf
 
 docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
