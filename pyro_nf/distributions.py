@@ -9,7 +9,7 @@ buffers) and a flow, so ``.to(device)``, ``.double()``, ``state_dict`` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
 import torch
@@ -45,8 +45,7 @@ class _FlowDensity:
     def _base(self) -> dist.TorchDistribution:
         raise NotImplementedError
 
-    def _check(self, x: Tensor) -> None:
-        raise NotImplementedError
+    _check: Callable[[Tensor], None]
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x)`` for data of shape ``batch_shape + event_shape``."""
