@@ -17,7 +17,7 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_nf.core import FlowTransform, check_tensor
+from pyro_nf.core import FlowTransform, check_tensor, validation_enabled
 from pyro_nf.transforms.autoregressive import check_context
 
 _Shape = Sequence[int] | torch.Size
@@ -94,7 +94,8 @@ class _StandardNormalBase(nn.Module):
         return dist.Normal(self.loc, self.scale).to_event(len(self.event_shape))
 
     def _check(self, x: Tensor) -> None:
-        check_tensor(x, name="data", event_shape=self.event_shape, like=self.loc)
+        if validation_enabled():
+            check_tensor(x, name="data", event_shape=self.event_shape, like=self.loc)
 
 
 class FlowModel(_FlowDensity, _StandardNormalBase):
