@@ -1,0 +1,212 @@
+"""Flow guides for any Pyro model: :class:`AutoFlow`.
+
+:class:`AutoFlow` is an :class:`~pyro.infer.autoguide.AutoContinuous` guide:
+every latent site is mapped to the unconstrained space and packed into one
+vector ``z`` of size ``D``, whose posterior is
+
+.. math::
+
+    \\varepsilon \\sim \\mathcal N(0, I_D), \\qquad
+    z = \\mu + \\sigma \\odot f(\\varepsilon), \\qquad
+    \\log q(z) = \\log \\mathcal N(\\varepsilon; 0, I)
+        - \\log|\\det \\partial f / \\partial \\varepsilon| - \\textstyle\\sum_i \\log \\sigma_i,
+
+with ``f`` a pyro_nf flow (IAF by default) and a learnable location ``mu``
+(initialised by ``init_loc_fn``, as in :class:`~pyro.infer.autoguide.AutoNormal`)
+and scale ``sigma`` (initialised to ``init_scale``). Every pyro_nf flow starts at
+the identity, so the guide starts as a diagonal Normal around the initial
+location, and the flow's networks always see standardised inputs.
+
+The flow, the location and the scale are created on the device and in the
+dtype of the model's latent values, so a float64 model (or one on a GPU) gets a
+float64 (GPU) guide with no further step.
+
+The factories also plug into Pyro's own guide unchanged::
+
+    AutoNormalizingFlow(model, partial(iaf, hidden_dims=[64, 64]))
+
+Kucukelbir et al., "Automatic Differentiation Variational Inference", JMLR 2017.
+Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
+Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow", NeurIPS 2016.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.transforms import AffineTransform
+from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn import PyroParam
+from torch import Tensor, nn
+from torch.distributions import Transform
+
+from pyro_nf.core import ConditionalFlowStack, FlowStack
+from pyro_nf.transforms import conditional_iaf, conditional_maf, conditional_realnvp, iaf, maf, realnvp
+
+FlowName = Literal["iaf", "maf", "realnvp", "ffjord"]
+FLOWS: tuple[str, ...] = ("iaf", "maf", "realnvp", "ffjord")
+
+_FACTORIES: dict[str, Callable[..., Any]] = {"iaf": iaf, "maf": maf, "realnvp": realnvp}
+_CONDITIONAL_FACTORIES: dict[str, Callable[..., Any]] = {
+    "iaf": conditional_iaf,
+    "maf": conditional_maf,
+    "realnvp": conditional_realnvp,
+}
+
+
+def _load_ffjord(factory_name: str) -> Callable[..., Any]:
+    """Import the FFJORD factory ``factory_name`` lazily, with a clear error when it is not there."""
+    for module_name in ("pyro_nf.transforms.ffjord", "pyro_nf.transforms.continuous", "pyro_nf.transforms"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and module_name.startswith(error.name):
+                continue
+            raise
+        factory = getattr(module, factory_name, None)
+        if callable(factory) and not isinstance(factory, types.ModuleType):
+            return factory
+    raise ImportError(
+        f"flow='ffjord' needs pyro_nf's FFJORD transform ({factory_name} in pyro_nf.transforms), "
+        "which this installation does not have; use flow='iaf', 'maf' or 'realnvp'"
+    )
+
+
+def flow_factory(flow: str, conditional: bool = False) -> Callable[..., Any]:
+    """The pyro_nf factory named ``flow`` (``"iaf"``, ``"maf"``, ``"realnvp"`` or ``"ffjord"``).
+
+    With ``conditional=True`` the ``conditional_`` factory, whose result has
+    ``.condition(context)``. FFJORD is imported on first use.
+
+    Example::
+
+        >>> flow_factory("maf").__name__, flow_factory("iaf", conditional=True).__name__
+        ('maf', 'conditional_iaf')
+    """
+    if not isinstance(flow, str) or flow not in FLOWS:
+        raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
+    if flow == "ffjord":
+        return _ffjord_stack(_load_ffjord("conditional_ffjord" if conditional else "ffjord"), conditional)
+    return (_CONDITIONAL_FACTORIES if conditional else _FACTORIES)[flow]
+
+
+def _ffjord_stack(factory: Callable[..., Any], conditional: bool) -> Callable[..., Any]:
+    """FFJORD with a ``num_transforms`` option: one CNF (default), or a stack of several as in the FFJORD VAEs."""
+
+    def build(*args: Any, num_transforms: int | None = None, **options: Any) -> Any:
+        if num_transforms is None or num_transforms == 1:
+            return factory(*args, **options)
+        if not isinstance(num_transforms, int) or num_transforms < 1:
+            raise ValueError(f"num_transforms: expected a positive int or None, got {num_transforms!r}")
+        blocks = [factory(*args, **options) for _ in range(num_transforms)]
+        return ConditionalFlowStack(blocks) if conditional else FlowStack(blocks)
+
+    build.__name__ = factory.__name__
+    return build
+
+
+class AutoFlow(AutoContinuous):
+    """A normalizing-flow guide over all latent sites of a model, with sensible defaults.
+
+    ``q(z) = Affine(mu, sigma) o flow`` applied to standard Normal noise, in the
+    unconstrained space of the packed latent vector (see the module docstring).
+
+    Args:
+        model: a Pyro model with continuous latent sites.
+        flow: ``"iaf"`` (default: sampling and the density of its own samples in
+            one network pass per layer, what SVI asks of a guide), ``"maf"``
+            (sampling sequential in D), ``"realnvp"`` (both directions in one
+            pass) or ``"ffjord"`` (a continuous flow; needs pyro_nf's FFJORD).
+        hidden_dims: hidden widths of each layer's network (the factory's default when None).
+        num_transforms: number of flow layers (the factory's default when None).
+        init_loc_fn: per-site initialisation of the location (see :mod:`pyro.infer.autoguide.initialization`).
+        init_scale: initial value of every entry of ``sigma``.
+        **flow_options: further keyword options of the flow factory
+            (e.g. ``permutation="random"``, ``residual=True``).
+
+    Example::
+
+        >>> import pyro
+        >>> from pyro.infer import SVI, Trace_ELBO
+        >>> def model():
+        ...     a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        ...     pyro.sample("b", dist.Normal(a**2, 0.5), obs=torch.tensor(1.0))
+        >>> guide = AutoFlow(model, "iaf", hidden_dims=[16], num_transforms=2)
+        >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+        >>> loss = svi.step()
+        >>> guide.get_posterior().rsample((5,)).shape
+        torch.Size([5, 1])
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        flow: FlowName = "iaf",
+        hidden_dims: Sequence[int] | None = None,
+        num_transforms: int | None = None,
+        *,
+        init_loc_fn: Callable[..., Any] = init_to_median,
+        init_scale: float = 0.1,
+        **flow_options: Any,
+    ) -> None:
+        self._flow_fn = flow_factory(flow)
+        if hidden_dims is not None:
+            hidden_dims = list(hidden_dims)
+            if not hidden_dims or any(not isinstance(h, int) or h < 1 for h in hidden_dims):
+                raise ValueError(f"hidden_dims: expected a non-empty list of positive ints, got {hidden_dims!r}")
+        if num_transforms is not None and (not isinstance(num_transforms, int) or num_transforms < 1):
+            raise ValueError(f"num_transforms: expected a positive int or None, got {num_transforms!r}")
+        if not isinstance(init_scale, (int, float)) or not init_scale > 0:
+            raise ValueError(f"init_scale: expected a positive number, got {init_scale!r}")
+        self.flow_name = flow
+        self._hidden_dims = hidden_dims
+        self._num_transforms = num_transforms
+        self._flow_options = flow_options
+        self._init_scale = float(init_scale)
+        super().__init__(model, init_loc_fn=init_loc_fn)
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        loc = self._init_loc().detach()
+        options = dict(self._flow_options)
+        if self._hidden_dims is not None:
+            options["hidden_dims"] = self._hidden_dims
+        if self._num_transforms is not None:
+            options["num_transforms"] = self._num_transforms
+        flow = self._flow_fn(self.latent_dim, **options)
+        if not isinstance(flow, nn.Module) or not isinstance(flow, Transform):
+            raise TypeError(f"AutoFlow: the {self.flow_name!r} factory returned a {type(flow).__name__}, not a flow")
+        # the guide lives where the model's latent values live
+        self.flow = flow.to(device=loc.device, dtype=loc.dtype)
+        self.loc = nn.Parameter(loc)
+        self.scale = PyroParam(torch.full_like(loc, self._init_scale), constraints.softplus_positive)
+
+    def get_base_dist(self) -> dist.TorchDistribution:
+        """Standard Normal noise of size ``latent_dim`` on the guide's device and dtype."""
+        zero = self.loc.new_zeros(self.latent_dim)
+        return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
+
+    def get_transform(self, *args: Any, **kwargs: Any) -> Transform:
+        """The flow followed by the learnable element-wise affine map ``mu + sigma * .``."""
+        return dist.transforms.ComposeTransform([self.flow, self._affine()])
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:
+        """``TransformedDistribution(Normal(0, I), [flow, affine])`` over the packed latent vector."""
+        return dist.TransformedDistribution(self.get_base_dist(), [self.flow, self._affine()])
+
+    def _affine(self) -> AffineTransform:
+        # cache_size=1 hands the flow its own output back on the inverse, so the
+        # log-density of the guide's samples costs no second (sequential) pass
+        return AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
+
+    def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(
+            "AutoFlow has no closed-form median or quantiles; estimate them from samples of get_posterior()"
+        )
