@@ -14,7 +14,7 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_nf.core import InverseTransformModule
+from pyro_nf.core import FlowStack, InverseTransformModule
 from pyro_nf.transforms import (
     batch_norm,
     conditional_iaf,
@@ -23,6 +23,16 @@ from pyro_nf.transforms import (
     iaf,
     maf,
     realnvp,
+)
+from pyro_nf.transforms.continuous import conditional_ffjord, ffjord
+from pyro_nf.transforms.glow import actnorm, glow, glow_step, invertible_conv1x1
+from pyro_nf.transforms.multiscale import (
+    FactorOut,
+    image_coupling,
+    prior_coupling,
+    realnvp_multiscale,
+    squeeze,
+    squeezed_shape,
 )
 
 CONTEXT_DIM = 3
@@ -44,6 +54,10 @@ class Case:
     context_dim: int = 0
     vector: bool = True
     autoregressive: bool = False
+    networks: bool = True  # False for transforms without a network (the one-pass check counts networks)
+    # Network calls that make one pass, read from the transform after the pass (default: 1 call per network).
+    # A CNF's pass is one ODE solve: as many calls as the solve's function evaluations (its ``nfe``).
+    calls_per_pass: Callable[[Transform], int] | None = None
     marks: tuple[object, ...] = field(default_factory=tuple)
 
     def __str__(self) -> str:
@@ -52,6 +66,10 @@ class Case:
 
 def _d(shape: tuple[int, ...]) -> int:
     return shape[0]
+
+
+def _nfe(t: Transform) -> int:
+    return t.nfe  # type: ignore[attr-defined]
 
 
 CASES: list[Case] = [
@@ -65,7 +83,7 @@ CASES: list[Case] = [
     Case("iaf", lambda s: iaf(_d(s), [16, 16], 3), autoregressive=True),
     Case("realnvp", lambda s: realnvp(_d(s), [16, 16], 4)),
     Case("realnvp-alternate-batchnorm", lambda s: realnvp(_d(s), [16], 4, mask="alternate", batch_norm=True)),
-    Case("batch_norm", lambda s: batch_norm(_d(s))),
+    Case("batch_norm", lambda s: batch_norm(_d(s)), networks=False),
     Case("inverse-maf", lambda s: InverseTransformModule(maf(_d(s), [16], 2))),
     Case("conditional_maf", lambda s: conditional_maf(_d(s), CONTEXT_DIM, [16, 16], 3), context_dim=CONTEXT_DIM),
     Case("conditional_iaf", lambda s: conditional_iaf(_d(s), CONTEXT_DIM, [16, 16], 3), context_dim=CONTEXT_DIM),
@@ -73,6 +91,55 @@ CASES: list[Case] = [
         "conditional_realnvp",
         lambda s: conditional_realnvp(_d(s), CONTEXT_DIM, [16, 16], 4),
         context_dim=CONTEXT_DIM,
+    ),
+    Case(
+        "ffjord", lambda s: ffjord(_d(s), [8, 8], trace="exact", rtol=1e-8, atol=1e-8), shape=(3,), calls_per_pass=_nfe
+    ),
+    Case(
+        "conditional_ffjord",
+        lambda s: conditional_ffjord(_d(s), CONTEXT_DIM, [8, 8], trace="exact", rtol=1e-8, atol=1e-8),
+        shape=(3,),
+        context_dim=CONTEXT_DIM,
+        calls_per_pass=_nfe,
+    ),
+    Case("actnorm", lambda s: actnorm(s), shape=(2, 4, 4), vector=False, networks=False),
+    Case("conv1x1-lu", lambda s: invertible_conv1x1(s), shape=(3, 4, 4), vector=False, networks=False),
+    Case("conv1x1-plain", lambda s: invertible_conv1x1(s, lu=False), shape=(3, 4, 4), vector=False, networks=False),
+    Case(
+        "squeeze-coupling-unsqueeze",
+        lambda s: FlowStack([squeeze(s), image_coupling(squeezed_shape(s), 8), squeeze(s).inv]),
+        shape=(2, 4, 4),
+        vector=False,
+    ),
+    Case("image_coupling-channel", lambda s: image_coupling(s, 8), shape=(3, 4, 4), vector=False),
+    Case(
+        "image_coupling-additive",
+        lambda s: image_coupling(s, 8, parity=1, coupling="additive"),
+        shape=(3, 4, 4),
+        vector=False,
+    ),
+    Case(
+        "image_coupling-checkerboard",
+        lambda s: image_coupling(s, 8, mask="checkerboard", parity=1, network="resnet", num_blocks=1, norm="batch"),
+        shape=(1, 4, 4),
+        vector=False,
+    ),
+    Case(
+        "factor_out",
+        lambda s: FactorOut(s, image_coupling((s[0] // 2, *s[1:]), 8), prior_coupling(s)),
+        shape=(4, 2, 2),
+        vector=False,
+    ),
+    Case("glow_step", lambda s: glow_step(s, 8), shape=(4, 2, 2), vector=False),
+    Case("glow", lambda s: glow(s, levels=2, depth=2, hidden_channels=8), shape=(1, 4, 4), vector=False),
+    Case(
+        "glow-additive-plain", lambda s: glow(s, 2, 1, 8, coupling="additive", lu=False), shape=(1, 4, 4), vector=False
+    ),
+    Case(
+        "realnvp_multiscale",
+        lambda s: realnvp_multiscale(s, 2, 8, num_blocks=1, learned_prior=True, actnorm=True, log_scale_bound=1.0),
+        shape=(1, 4, 4),
+        vector=False,
     ),
 ]
 

@@ -10,6 +10,14 @@ from pyro_nf.transforms.autoregressive import (
     iaf,
     maf,
 )
+from pyro_nf.transforms.continuous import (
+    FFJORD,
+    ConditionalFFJORD,
+    ConditionedFFJORD,
+    ODEOptions,
+    conditional_ffjord,
+    ffjord,
+)
 from pyro_nf.transforms.coupling import (
     AffineCoupling,
     ConditionalAffineCoupling,
@@ -18,9 +26,52 @@ from pyro_nf.transforms.coupling import (
     coupling_mask,
     realnvp,
 )
+from pyro_nf.transforms.glow import (
+    ActNorm,
+    GlowStep,
+    InvertibleConv1x1,
+    actnorm,
+    glow,
+    glow_step,
+    invertible_conv1x1,
+)
+from pyro_nf.transforms.multiscale import (
+    FactorOut,
+    ImageCoupling,
+    Squeeze,
+    image_coupling,
+    prior_coupling,
+    realnvp_multiscale,
+    squeeze,
+)
 from pyro_nf.transforms.normalization import BatchNorm, batch_norm
+from pyro_nf.transforms.preprocess import Logit, dequantize, logit, reduce_bits
 
 __all__ = [
+    "FFJORD",
+    "ConditionalFFJORD",
+    "ConditionedFFJORD",
+    "ODEOptions",
+    "conditional_ffjord",
+    "ffjord",
+    "ActNorm",
+    "FactorOut",
+    "GlowStep",
+    "ImageCoupling",
+    "InvertibleConv1x1",
+    "Logit",
+    "Squeeze",
+    "actnorm",
+    "dequantize",
+    "glow",
+    "glow_step",
+    "image_coupling",
+    "invertible_conv1x1",
+    "logit",
+    "prior_coupling",
+    "realnvp_multiscale",
+    "reduce_bits",
+    "squeeze",
     "AffineAutoregressive",
     "AffineCoupling",
     "BatchNorm",

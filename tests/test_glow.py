@@ -1,0 +1,114 @@
+"""Glow's blocks and model beyond the shared contract: ActNorm's initialisation, the 1x1 convolution, depth 32."""
+
+from __future__ import annotations
+
+import io
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_nf import FlowModel
+from pyro_nf.transforms import ActNorm, InvertibleConv1x1, glow
+
+
+def test_actnorm_initialises_on_the_first_training_batch_only() -> None:
+    norm = ActNorm((3, 4, 4))
+    y = torch.randn(64, 3, 4, 4) * torch.tensor([2.0, 0.5, 4.0])[:, None, None] + 5.0
+    norm.eval()
+    norm.inverse_and_log_det(y)
+    assert not bool(norm.initialised)  # evaluation mode never initialises
+    norm.train()
+    norm.forward_and_log_det(y)
+    assert not bool(norm.initialised)  # nor does the forward (noise to data) direction
+    x, log_det = norm.inverse_and_log_det(y)
+    assert bool(norm.initialised)
+    flat = x.transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(flat.mean(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(flat.std(1, correction=0), torch.ones(3), atol=1e-4)
+    assert torch.allclose(log_det, (16 * norm.log_scale.sum()).expand(64))
+    assert torch.allclose(norm.log_scale.flatten().exp(), torch.tensor([2.0, 0.5, 4.0]), rtol=0.1)
+    before = norm.log_scale.detach().clone()
+    norm.inverse_and_log_det(y * 10)  # a second batch does not re-initialise
+    assert torch.equal(norm.log_scale.detach(), before)
+
+
+def test_actnorm_is_safe_for_a_constant_channel() -> None:
+    norm = ActNorm((2, 2, 2)).train()
+    y = torch.randn(8, 2, 2, 2)
+    y[:, 1] = 3.0
+    x, log_det = norm.inverse_and_log_det(y)
+    assert torch.isfinite(x).all() and torch.isfinite(log_det).all()
+    assert norm.log_scale[1].item() == 0.0 and norm.loc[1].item() == 3.0
+    assert torch.equal(x[:, 1], torch.zeros(8, 2, 2))
+
+
+def test_actnorm_is_not_initialised_again_after_loading() -> None:
+    norm = ActNorm((2, 2, 2)).train()
+    norm.inverse_and_log_det(torch.randn(16, 2, 2, 2) * 3 + 1)
+    buffer = io.BytesIO()
+    torch.save(norm.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = ActNorm((2, 2, 2)).train()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert bool(fresh.initialised)
+    fresh.inverse_and_log_det(torch.randn(16, 2, 2, 2) * 7 - 4)
+    assert torch.equal(fresh.log_scale, norm.log_scale) and torch.equal(fresh.loc, norm.loc)
+
+
+@pytest.mark.parametrize("lu", [True, False])
+def test_conv1x1_log_det_is_hw_log_abs_det(lu: bool) -> None:
+    conv = InvertibleConv1x1((4, 3, 5), lu=lu).double()
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    w = conv.matrix()
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    y, log_det = conv.forward_and_log_det(x)
+    expected = 15 * torch.linalg.slogdet(w)[1]
+    assert torch.allclose(log_det, expected.expand(2))
+    assert torch.allclose(y, torch.nn.functional.conv2d(x, w[:, :, None, None]))
+    assert torch.allclose(conv.inverse_matrix() @ w, torch.eye(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_conv1x1_lu_keeps_its_signs_and_stays_invertible() -> None:
+    conv = InvertibleConv1x1((3, 2, 2))
+    with torch.no_grad():
+        conv.log_s.fill_(-30.0)  # tiny but never zero or sign-flipped
+    assert torch.equal(torch.diagonal(conv._factors()[1]).sign(), conv.sign_s)
+
+
+def test_glow_rejects_shapes_that_do_not_divide() -> None:
+    with pytest.raises(ValueError, match=r"\(1, 12, 12\).*levels = 3.*divisible by 2\*\*3 = 8"):
+        glow((1, 12, 12), levels=3, depth=1, hidden_channels=4)
+    with pytest.raises(ValueError, match="input_shape"):
+        glow((8, 8), levels=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="coupling"):
+        glow((1, 4, 4), levels=1, depth=1, hidden_channels=4, coupling="spline")  # type: ignore[arg-type]
+
+
+def test_depth_32_glow_is_finite_both_ways() -> None:
+    torch.manual_seed(1)
+    flow = glow((1, 8, 8), levels=2, depth=32, hidden_channels=8)
+    model = FlowModel(flow, (1, 8, 8)).train()
+    x = torch.rand(16, 1, 8, 8)
+    log_p = model.log_prob(x)  # initialises every ActNorm on this batch
+    assert torch.isfinite(log_p).all()
+    model.eval()
+    with torch.no_grad():
+        z, _ = flow.inverse_and_log_det(x)
+        assert torch.isfinite(z).all() and z.abs().max() < 1e3
+        assert torch.allclose(flow.forward_and_log_det(z)[0], x, atol=1e-3)
+        for temperature in (0.0, 0.7, 1.0):
+            sample = model.sample((4,), temperature=temperature)
+            assert torch.isfinite(sample).all()
+
+
+def test_glow_density_is_a_transformed_distribution() -> None:
+    flow = glow((2, 4, 4), levels=2, depth=1, hidden_channels=4).eval()
+    base = dist.Normal(torch.zeros(2, 4, 4), 1.0).to_event(3)
+    d = dist.TransformedDistribution(base, [flow])
+    x = torch.randn(5, 2, 4, 4)
+    z, log_det = flow.inverse_and_log_det(x)
+    assert d.event_shape == (2, 4, 4)
+    assert torch.allclose(d.log_prob(x), base.log_prob(z) - log_det, atol=1e-5)
