@@ -238,7 +238,7 @@ class AmortizedFlowPosterior(nn.Module):
         kind: see :func:`amortized_flow`.
         latent_dim: the latent size D.
         context_dim: the size of the encoder's context vector.
-        hidden_dims, num_transforms, **options: see :func:`amortized_flow`.
+        hidden_dims, num_transforms, options: see :func:`amortized_flow`.
 
     Example::
 
