@@ -2,5 +2,6 @@
 
 from pyro_nf.nn.made import MADE, MaskedLinear
 from pyro_nf.nn.nets import MLP
+from pyro_nf.nn.odefunc import ConcatSquashLinear, ODENet
 
-__all__ = ["MADE", "MLP", "MaskedLinear"]
+__all__ = ["MADE", "MLP", "MaskedLinear", "ConcatSquashLinear", "ODENet"]

@@ -9,23 +9,47 @@ slice of every hidden layer. Context inputs (``context_dim > 0``) reach every
 hidden unit of the first layer through an unmasked linear map that is added,
 so a context broadcasts against the batch.
 
+:meth:`MADE.sequential` solves the autoregressive system ``x_i = f(given_i,
+MADE(x)_i)`` (MAF sampling, IAF density of arbitrary data) incrementally: the
+units of degree ``k`` are computed once, when position ``k`` of the solution is
+known, so the whole solve costs one network pass of arithmetic instead of ``D``.
+
 Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Order = Literal["natural", "reversed", "random"]
+SequentialMethod = Literal["incremental", "reference"]
+SEQUENTIAL_METHODS: tuple[SequentialMethod, ...] = ("incremental", "reference")
+
+
+def check_sequential_method(method: object) -> None:
+    """Validate the ``sequential`` option (``ValueError`` naming the choices)."""
+    if method not in SEQUENTIAL_METHODS:
+        raise ValueError(f"sequential: expected one of {SEQUENTIAL_METHODS}, got {method!r}")
+
+
+class _Structure(NamedTuple):
+    """The degree blocks of a MADE: input order, its inverse, unit counts per hidden degree."""
+
+    order: Tensor  # input indices sorted by degree
+    inverse: Tensor  # position of each input in the order
+    bounds: list[list[int]]  # bounds[l][k]: units of degree < k in hidden layer l (k = 0..D)
 
 
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 mask (a buffer)."""
+
+    mask: Tensor
 
     def __init__(self, mask: Tensor, bias: bool = True) -> None:
         out_features, in_features = mask.shape
@@ -143,3 +167,223 @@ class MADE(nn.Module):
         for act, layer in zip(self.activations, self.hidden_layers):
             h = h + layer(act(h)) if self.residual else layer(act(h))
         return self.output_layer(self.activations[-1](h))
+
+    # -- the sequential direction ----------------------------------------------------
+    def sequential(
+        self,
+        given: Tensor,
+        solve: Callable[[Tensor, Tensor], Tensor],
+        context: Tensor | None = None,
+        method: SequentialMethod = "incremental",
+        chunk: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Solve the autoregressive system ``x_i = solve(given_i, params_i(x_<i))`` for all ``i``.
+
+        ``params_i`` are the MADE's ``P`` outputs for input ``i`` (they depend on the
+        inputs before ``i`` in the order only), so the system is triangular and is
+        solved position by position in the order. This is MAF sampling and IAF
+        density of arbitrary data.
+
+        ``method="reference"`` runs ``D`` full MADE passes (after pass ``k`` the
+        first ``k`` positions are final). ``method="incremental"`` (default) runs the
+        network once, in pieces: hidden units are sorted by degree in contiguous
+        blocks, and once the positions ``1..k`` are known, exactly the units of
+        degree ``k`` become computable in every layer. Step ``k`` computes the
+        outputs of position ``k`` from the hidden units of degree ``< k``, solves
+        for ``x`` at position ``k``, then the degree-``k`` block of each layer as a
+        small matmul of the already known prefix of the layer below,
+
+        .. math::
+
+            h_{l+1}[B_k] = W_l[B_k, :e_k]\\,\\sigma(h_l[:, :e_k]) + b_l[B_k]\\;(+\\,h_l[B_k]
+            \\text{ if residual}),
+
+        where ``B_k`` is the degree-``k`` slice and ``e_k`` the number of units of
+        degree ``<= k``. Every weight entry is used once, so the whole direction
+        costs the arithmetic of one (masked) network pass plus ``D`` small steps,
+        instead of ``D`` passes. Steps are grouped in chunks of ``G`` (about
+        ``sqrt(D)``): at the start of a chunk one matmul per layer gives all of the
+        chunk's units their part from the units known by then, and each step adds
+        the part from inside the chunk only, so a step reads ``O(G)`` units instead
+        of the whole known prefix. Both methods give the same numbers up to float
+        rounding, and gradients flow through both (out-of-place operations only).
+
+        Args:
+            given: ``(..., D)``, the known side (base noise for MAF sampling, data
+                for IAF density).
+            solve: maps ``(given_cols, params)`` of shapes ``(N, n)`` and
+                ``(N, P, n)`` to the solved ``x`` columns ``(N, n)``; element-wise.
+            context: the context (its batch shape broadcasts against ``given``'s)
+                or None.
+            method: ``"incremental"`` or ``"reference"``.
+            chunk: steps per chunk of the incremental pass (default
+                ``round(sqrt(D))``; any positive value gives the same result).
+
+        Returns:
+            ``(x, params)``: the solution ``(..., D)`` and the MADE output at it,
+            ``(..., P * D)`` laid out as in :meth:`forward`.
+
+        Example::
+
+            >>> made = MADE(4, [32, 32], num_params=1, zero_init_output=False)
+            >>> given = torch.randn(6, 4)
+            >>> x, params = made.sequential(given, lambda g, p: g - p[:, 0])
+            >>> torch.allclose(x, given - made(x), atol=1e-6)
+            True
+        """
+        check_sequential_method(method)
+        if self.context_layer is not None:
+            if context is None:
+                raise ValueError(f"MADE: expected a context of size {self.context_dim}, got None")
+            batch = torch.broadcast_shapes(given.shape[:-1], context.shape[:-1])
+            given = given.expand(*batch, self.input_dim)
+        else:
+            context = None
+        if method == "reference":
+            return self._sequential_reference(given, solve, context)
+        return self._sequential_incremental(given, solve, context, chunk)
+
+    def _sequential_reference(
+        self, given: Tensor, solve: Callable[[Tensor, Tensor], Tensor], context: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        shape = given.shape
+        flat = given.reshape(-1, self.input_dim)
+        x = torch.zeros_like(flat)
+        params = flat.new_zeros(flat.shape[0], self.num_params * self.input_dim)
+        ctx = None if context is None else context.expand(*shape[:-1], -1).reshape(flat.shape[0], -1)
+        for _ in range(self.input_dim):
+            params = self(x, ctx)
+            x = solve(flat, params.view(-1, self.num_params, self.input_dim))
+        return x.reshape(shape), params.reshape(*shape[:-1], -1)
+
+    def _structure(self) -> _Structure:
+        """Degree blocks as Python ints (cached; rebuilt when the degree buffers change)."""
+        buffers = [self.degrees, *(getattr(self, f"hidden_degrees_{i}") for i in range(len(self.hidden_dims)))]
+        try:
+            key: tuple[object, ...] | None = tuple((id(b), b._version, b.device) for b in buffers)
+        except RuntimeError:  # inference tensors carry no version counter
+            key = None
+        cached = self.__dict__.get("_structure_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        degrees_in, *degrees_hidden = (b.cpu() for b in buffers)
+        order = degrees_in.argsort()
+        bounds = []
+        for i, d in enumerate(degrees_hidden):
+            if bool((d[1:] < d[:-1]).any()) or bool((d < 0).any()) or bool((d >= self.input_dim).any()):
+                raise ValueError(
+                    f"MADE.sequential: expected hidden_degrees_{i} sorted in 0..{self.input_dim - 1}, got {d.tolist()}"
+                )
+            counts = torch.bincount(d, minlength=self.input_dim).tolist()
+            bounds.append([sum(counts[:k]) for k in range(self.input_dim + 1)])
+        device = buffers[0].device
+        structure = _Structure(order.to(device), order.argsort().to(device), bounds)
+        self.__dict__["_structure_cache"] = (key, structure)
+        return structure
+
+    def _sequential_incremental(
+        self, given: Tensor, solve: Callable[[Tensor, Tensor], Tensor], context: Tensor | None, chunk: int | None
+    ) -> tuple[Tensor, Tensor]:
+        # Step k = 0..D: (a) for k >= 1, the outputs of position k (they read the last layer's
+        # units of degree < k) and x at position k; (b) for k < D, the units of degree k in
+        # every layer (layer 0 reads positions <= k, layer l + 1 the units of degree <= k of
+        # layer l). Steps are grouped in chunks of G: at the start of a chunk [c, c + G) one
+        # matmul per layer gives every target of the chunk its part from sources of degree < c
+        # (all known by then), and each step adds the part from the chunk's own sources only.
+        # Each step so reads O(G) units instead of the whole known prefix.
+        D, P = self.input_dim, self.num_params
+        s = self._structure()
+        bounds = s.bounds  # bounds[l][k]: units of degree < k in hidden layer l
+        num_layers = len(self.hidden_dims)
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
+        G = chunk if chunk is not None else max(1, round(math.sqrt(D)))
+        starts = list(range(0, D + 1, G))
+        shape = given.shape
+        flat = given.reshape(-1, D)
+        n = flat.shape[0]
+
+        def hidden_sizes(b: list[int]) -> tuple[list[int], list[int]]:
+            per_chunk = [b[min(c + G, D)] - b[min(c, D)] for c in starts]
+            per_degree = [b[k + 1] - b[k] for k in range(D)]
+            return per_chunk, per_degree
+
+        # Weights as (source, target) matrices, rows in the order, split by target chunk and by
+        # target degree (one autograd node per split, so the gradients accumulate in one piece).
+        base: Tensor = self.input_layer.bias
+        if self.context_layer is not None and context is not None:
+            base = (base + self.context_layer(context)).expand(*shape[:-1], -1).reshape(n, -1)
+        weights = [self.input_layer.weight.index_select(1, s.order).t()]
+        biases = [base]
+        hidden_layers: list[MaskedLinear] = list(self.hidden_layers)  # type: ignore[arg-type]
+        weights += [layer.weight.t() for layer in hidden_layers]
+        biases += [layer.bias for layer in hidden_layers]
+        w_chunk, w_step, b_chunk = [], [], []
+        for i in range(num_layers):
+            per_chunk, per_degree = hidden_sizes(bounds[i])
+            w_chunk.append(weights[i].split(per_chunk, dim=1))
+            w_step.append(weights[i].split(per_degree, dim=1))
+            b_chunk.append(biases[i].split(per_chunk, dim=-1))
+        out_chunk_sizes = [P * (min(c + G, D + 1) - max(c, 1)) for c in starts]
+        w_out = self.output_layer.weight.view(P, D, -1).index_select(1, s.order).permute(2, 1, 0).reshape(-1, D * P)
+        b_out = self.output_layer.bias.view(P, D).index_select(1, s.order).t().reshape(D * P)
+        wo_chunk = w_out.split(out_chunk_sizes, dim=1)
+        wo_step = w_out.split(P, dim=1)
+        bo_chunk = b_out.split(out_chunk_sizes)
+        cols = flat.index_select(1, s.order).split(1, dim=1)
+
+        acts = [act.forward for act in self.activations]
+        empty = flat.new_zeros(n, 0)
+        x_known = empty  # positions < c
+        known = [empty] * num_layers  # activations of the units of degree < c, per layer
+        xs: list[Tensor] = []
+        outs: list[Tensor] = []
+        for ci, c in enumerate(starts):
+            # the chunk's parts from the known sources, split per position / per degree block
+            # (split rather than slices: one autograd node each)
+            end = min(c + G, D)
+            out_part = torch.addmm(bo_chunk[ci], known[-1], wo_chunk[ci][: bounds[-1][min(c, D)]]).split(P, dim=1)
+            x0 = max(c - 1, 0)
+            parts: list[Sequence[Tensor]] = []
+            for i in range(num_layers):
+                b = bounds[i]
+                if c >= D or b[end] == b[c]:
+                    parts.append([])
+                    continue
+                src, rows = (x_known, x0) if i == 0 else (known[i - 1], bounds[i - 1][c])
+                part = torch.addmm(b_chunk[i][ci], src, w_chunk[i][ci][:rows])
+                parts.append(part.split([b[k + 1] - b[k] for k in range(c, end)], dim=1))
+            chunk_x = empty
+            chunk_act = [empty] * num_layers
+            for k in range(c, min(c + G, D + 1)):
+                if k > 0:
+                    out = out_part[k - max(c, 1)]
+                    lo = bounds[-1][c]
+                    if k - 1 >= c and bounds[-1][k] > lo:
+                        out = torch.addmm(out, chunk_act[-1], wo_step[k - 1][lo : bounds[-1][k]])
+                    x_k = solve(cols[k - 1], out.unsqueeze(-1))
+                    outs.append(out)
+                    xs.append(x_k)
+                    chunk_x = torch.cat((chunk_x, x_k), dim=1)
+                if k == D:
+                    break
+                h = empty
+                for i in range(num_layers):
+                    b = bounds[i]
+                    if b[k + 1] == b[k]:
+                        continue  # no units of degree k in this layer
+                    h_new = parts[i][k - c]
+                    if i == 0:
+                        src, w = chunk_x, w_step[0][k][x0:k]
+                    else:
+                        src, w = chunk_act[i - 1], w_step[i][k][bounds[i - 1][c] : bounds[i - 1][k + 1]]
+                    if src.shape[1]:
+                        h_new = torch.addmm(h_new, src, w)
+                    h = h + h_new if self.residual and i > 0 else h_new
+                    chunk_act[i] = torch.cat((chunk_act[i], acts[i](h)), dim=1)
+            x_known = torch.cat((x_known, chunk_x), dim=1)
+            known = [torch.cat((a, b), dim=1) for a, b in zip(known, chunk_act)]
+
+        x = torch.cat(xs, dim=1).index_select(1, s.inverse).reshape(shape)
+        params = torch.stack(outs, dim=2).index_select(2, s.inverse).reshape(*shape[:-1], P * D)
+        return x, params

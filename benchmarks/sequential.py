@@ -1,0 +1,239 @@
+"""Benchmark the sequential direction of MAF and IAF: pyro_nf's incremental MADE pass against the rest.
+
+Run ``python benchmarks/sequential.py`` (writes the tables into ``docs/families/fast-sequential.md``).
+Everything runs in this one process, side by side: for each measurement the libraries take turns,
+repeat after repeat, so a change in the machine's load hits all of them alike; the median of the
+repeats is reported. 5 layers, MADE hidden widths [256, 256], D = 8 and 64, 2 threads:
+
+- MAF sampling and MAF ``log_prob`` throughput (points/s, no gradients);
+- IAF ``log_prob`` of arbitrary points and IAF sampling throughput (points/s, no gradients);
+- one training step on data, ``-log_prob(batch).mean()``, backward, Adam step, for IAF and MAF (ms).
+
+Rows: pyro_nf with ``sequential="incremental"`` (the default), pyro_nf with ``sequential="reference"``
+(``D`` MADE passes), zuko, nflows, normflows and Pyro's built-ins (built by ``benchmarks/anchors.py``).
+
+``--smoke-test`` runs every row at tiny sizes (a few seconds) and writes nothing unless ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning (set before torch starts): on a machine whose cores
+# other jobs share, spinning threads make every multi-threaded op wait for a descheduled peer.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+
+from anchors import Model, build  # noqa: E402
+
+from pyro_nf import FlowModel  # noqa: E402
+from pyro_nf.transforms import iaf, maf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "families" / "fast-sequential.md"
+START, END = "<!-- sequential-benchmark:start -->", "<!-- sequential-benchmark:end -->"
+ROWS = ("pyro_nf incremental", "pyro_nf reference", "zuko", "nflows", "normflows", "pyro")
+COLUMNS = ("MAF sample", "MAF log_prob", "IAF log_prob", "IAF sample", "IAF train step", "MAF train step")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes of one run."""
+
+    dims: tuple[int, ...] = (8, 64)
+    hidden_dims: tuple[int, ...] = (256, 256)
+    num_transforms: int = 5
+    points: int = 4096
+    batch: int = 512
+    warmup: int = 1
+    repeats: int = 5
+    threads: int = 2
+
+
+SMOKE = Config(dims=(4,), hidden_dims=(16, 16), num_transforms=2, points=64, batch=32, warmup=1, repeats=1)
+
+
+def _pyro_nf(flow: str, dim: int, config: Config, sequential: str) -> Model:
+    factory = maf if flow == "MAF" else iaf
+    model = FlowModel(factory(dim, list(config.hidden_dims), config.num_transforms, sequential=sequential), (dim,))
+    return Model(
+        "pyro_nf", flow, dim, model, model.log_prob, lambda n: model.sample((n,)), flow == "MAF", flow == "IAF"
+    )
+
+
+def make(row: str, flow: str, dim: int, config: Config) -> Model:
+    """The model of one row of the table."""
+    torch.manual_seed(0)
+    if row.startswith("pyro_nf"):
+        return _pyro_nf(flow, dim, config, row.split()[1])
+    return build(row, flow, dim, hidden_dims=config.hidden_dims, num_transforms=config.num_transforms)
+
+
+def _perturb(module: nn.Module) -> None:
+    """Move every parameter off its (often zero) initialisation, so that no map is the identity."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.01)
+
+
+def _train_step(model: Model, data: Tensor) -> Callable[[], object]:
+    optimizer = torch.optim.Adam(model.module.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss = -model.log_prob(data.clone()).mean()  # a fresh tensor: Pyro's caches keep graphs by identity
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _median_times(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call; the functions take turns in every repeat."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure(dim: int, config: Config) -> dict[str, dict[str, float]]:
+    """``results[row][column]``: points/s for throughputs, ms for training steps."""
+    models = {(row, flow): make(row, flow, dim, config) for row in ROWS for flow in ("MAF", "IAF")}
+    for m in models.values():
+        _perturb(m.module)
+    x = torch.randn(config.points, dim)
+    data = torch.randn(config.batch, dim)
+    results: dict[str, dict[str, float]] = {row: {} for row in ROWS}
+
+    def throughput(column: str, flow: str, fn: Callable[[Model], Callable[[], object]]) -> None:
+        with torch.no_grad():
+            t = _median_times({row: fn(models[row, flow]) for row in ROWS}, config.warmup, config.repeats)
+        for row in ROWS:
+            results[row][column] = config.points / t[row]
+
+    throughput("MAF sample", "MAF", lambda m: lambda: m.sample(config.points))
+    # fresh tensors: Pyro's transforms would otherwise serve the repeated x from their caches
+    throughput("MAF log_prob", "MAF", lambda m: lambda: m.log_prob(x.clone()))
+    throughput("IAF log_prob", "IAF", lambda m: lambda: m.log_prob(x.clone()))
+    throughput("IAF sample", "IAF", lambda m: lambda: m.sample(config.points))
+    for flow in ("IAF", "MAF"):
+        t = _median_times({row: _train_step(models[row, flow], data) for row in ROWS}, config.warmup, config.repeats)
+        for row in ROWS:
+            results[row][f"{flow} train step"] = 1e3 * t[row]
+    return results
+
+
+def _fmt(column: str, value: float) -> str:
+    if column.endswith("train step"):
+        return f"{value:.1f} ms"
+    return f"{value / 1e3:.1f}k/s" if value >= 1e3 else f"{value:.0f}/s"
+
+
+def table(dim: int, results: dict[str, dict[str, float]]) -> str:
+    """A markdown table of one dimension's results."""
+    lines = [f"| D = {dim} | " + " | ".join(COLUMNS) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
+    for row in ROWS:
+        lines.append(f"| {row} | " + " | ".join(_fmt(c, results[row][c]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The target ratios: speed-ups over the fastest anchor, and slowdowns against the parallel direction."""
+    ours, anchors = results["pyro_nf incremental"], [results[row] for row in ROWS[2:]]
+    return {
+        "MAF sampling / fastest anchor's": ours["MAF sample"] / max(a["MAF sample"] for a in anchors),
+        "MAF log_prob / MAF sampling": ours["MAF log_prob"] / ours["MAF sample"],
+        "IAF density / fastest anchor's": ours["IAF log_prob"] / max(a["IAF log_prob"] for a in anchors),
+        "IAF sampling / IAF density": ours["IAF sample"] / ours["IAF log_prob"],
+        "IAF train step / MAF train step": ours["IAF train step"] / ours["MAF train step"],
+        "incremental / reference, MAF sampling": ours["MAF sample"] / results["pyro_nf reference"]["MAF sample"],
+    }
+
+
+def report(config: Config, all_results: dict[int, dict[str, dict[str, float]]], command: str) -> str:
+    """The markdown block written into the docs."""
+    libs = ", ".join(f"{name} {version(name)}" for name in ("torch", "pyro-ppl", "zuko", "nflows", "normflows"))
+    parts = [
+        f"Command: `{command}`  ",
+        f"Date: {datetime.date.today().isoformat()}; Python {platform.python_version()}, {libs}  ",
+        f"Machine: {platform.machine()} CPU ({os.cpu_count()} cores), torch.set_num_threads({config.threads}); "
+        "no GPU.  ",
+        f"Sizes: {config.num_transforms} layers, hidden {list(config.hidden_dims)}, {config.points} points per "
+        f"throughput call, training batch {config.batch}; median of {config.repeats} repeats after "
+        f"{config.warmup} warm-up.",
+        "",
+    ]
+    for dim, results in all_results.items():
+        parts += [table(dim, results), ""]
+        parts.append(f"Ratios at D = {dim} (pyro_nf incremental):")
+        parts.append("")
+        parts += [f"- {name}: {value:.2f}" for name, value in ratios(results).items()]
+        parts.append("")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_doc(path: Path, block: str) -> None:
+    """Replace the block between the benchmark markers of ``path`` (append it when they are missing)."""
+    text = path.read_text() if path.exists() else ""
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        text = f"{head}{START}\n{block}{END}{tail}"
+    else:
+        text = f"{text.rstrip()}\n\n{START}\n{block}{END}\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes; writes nothing unless --output")
+    parser.add_argument("--output", type=Path, default=None, help=f"markdown file to update (default {DOC})")
+    parser.add_argument("--dims", type=int, nargs="+", default=None, help="event sizes D (default 8 64)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--points", type=int, default=None)
+    args = parser.parse_args(argv)
+    config = SMOKE if args.smoke_test else Config()
+    if args.dims:
+        config = Config(**{**config.__dict__, "dims": tuple(args.dims)})
+    if args.repeats:
+        config = Config(**{**config.__dict__, "repeats": args.repeats})
+    if args.points:
+        config = Config(**{**config.__dict__, "points": args.points})
+    torch.set_num_threads(config.threads)
+    all_results = {}
+    for dim in config.dims:
+        all_results[dim] = measure(dim, config)
+        print(table(dim, all_results[dim]), flush=True)
+        for name, value in ratios(all_results[dim]).items():
+            print(f"  {name}: {value:.2f}")
+    command = "python benchmarks/sequential.py" + (" " + " ".join(argv) if argv else "")
+    output = args.output if args.output is not None else (None if args.smoke_test else DOC)
+    if output is not None:
+        write_doc(output, report(config, all_results, command))
+        print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
