@@ -182,3 +182,8 @@ def test_auto_normalizing_flow_takes_the_factories_unchanged() -> None:
     losses = [svi.step() for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert len(pyro.get_param_store()) > 0
+
+
+def test_unknown_factory_option_is_named() -> None:
+    with pytest.raises(TypeError, match=r"maf: unknown option\(s\) \['hiden'\]"):
+        maf(3, hiden=[8])  # type: ignore[call-arg]

@@ -27,7 +27,7 @@ Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow"
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import torch
 from pyro.distributions import ConditionalTransformModule
@@ -44,6 +44,9 @@ from pyro_nf.core import (
 from pyro_nf.nn.made import MADE, Order, SequentialMethod, check_sequential_method
 from pyro_nf.transforms.affine import Scale, check_scale, shift_and_log_scale
 from pyro_nf.transforms.normalization import BatchNorm
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 Parallel = Literal["forward", "inverse"]
 Permutation = Literal["reverse", "random", "none"]
@@ -218,19 +221,41 @@ def _check_counts(input_dim: int, num_transforms: int, context_dim: int | None =
         raise ValueError(f"context_dim: expected a positive int, got {context_dim!r}")
 
 
+class AutoregressiveOptions(TypedDict, total=False):
+    """Keyword options shared by :func:`maf`, :func:`iaf` and their conditional forms (see :func:`maf`)."""
+
+    permutation: Permutation
+    batch_norm: bool
+    residual: bool
+    activation: Callable[[], nn.Module]
+    scale: Scale
+    log_scale_bound: float
+    seed: int
+    sequential: SequentialMethod
+
+
+def _check_options(factory: str, options: dict[str, object]) -> None:
+    unknown = sorted(set(options) - set(AutoregressiveOptions.__annotations__))
+    if unknown:
+        raise TypeError(
+            f"{factory}: unknown option(s) {unknown}; expected any of {sorted(AutoregressiveOptions.__annotations__)}"
+        )
+
+
 def _autoregressive_stack(
     input_dim: int,
     context_dim: int,
     parallel: Parallel,
     hidden_dims: Sequence[int] | None,
     num_transforms: int,
-    permutation: Permutation,
-    batch_norm: bool,
-    residual: bool,
-    activation: Callable[[], nn.Module],
-    scale: Scale,
-    log_scale_bound: float,
-    seed: int,
+    *,
+    permutation: Permutation = "reverse",
+    batch_norm: bool = False,
+    residual: bool = False,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    scale: Scale = "softclamp",
+    log_scale_bound: float = 3.0,
+    seed: int = 0,
     sequential: SequentialMethod = "incremental",
 ) -> list[nn.Module]:
     _check_counts(input_dim, num_transforms, context_dim or None)
@@ -252,15 +277,7 @@ def maf(
     input_dim: int,
     hidden_dims: Sequence[int] | None = None,
     num_transforms: int = 5,
-    *,
-    permutation: Permutation = "reverse",
-    batch_norm: bool = False,
-    residual: bool = False,
-    activation: Callable[[], nn.Module] = nn.ReLU,
-    scale: Scale = "softclamp",
-    log_scale_bound: float = 3.0,
-    seed: int = 0,
-    sequential: SequentialMethod = "incremental",
+    **options: Unpack[AutoregressiveOptions],
 ) -> FlowStack:
     """A Masked Autoregressive Flow: ``num_transforms`` MAF layers, one :class:`FlowStack`.
 
@@ -294,38 +311,15 @@ def maf(
         >>> d.log_prob(torch.randn(7, 2)).shape
         torch.Size([7])
     """
-    return FlowStack(
-        _autoregressive_stack(
-            input_dim,
-            0,
-            "inverse",
-            hidden_dims,
-            num_transforms,
-            permutation,
-            batch_norm,
-            residual,
-            activation,
-            scale,
-            log_scale_bound,
-            seed,
-            sequential,
-        )
-    )
+    _check_options("maf", dict(options))
+    return FlowStack(_autoregressive_stack(input_dim, 0, "inverse", hidden_dims, num_transforms, **options))
 
 
 def iaf(
     input_dim: int,
     hidden_dims: Sequence[int] | None = None,
     num_transforms: int = 5,
-    *,
-    permutation: Permutation = "reverse",
-    batch_norm: bool = False,
-    residual: bool = False,
-    activation: Callable[[], nn.Module] = nn.ReLU,
-    scale: Scale = "softclamp",
-    log_scale_bound: float = 3.0,
-    seed: int = 0,
-    sequential: SequentialMethod = "incremental",
+    **options: Unpack[AutoregressiveOptions],
 ) -> FlowStack:
     """An Inverse Autoregressive Flow: sampling (and ``log_prob`` of its own samples) in one pass.
 
@@ -340,23 +334,8 @@ def iaf(
         >>> from pyro.infer.autoguide import AutoNormalizingFlow
         >>> guide = AutoNormalizingFlow(lambda: None, partial(iaf, hidden_dims=[16]))
     """
-    return FlowStack(
-        _autoregressive_stack(
-            input_dim,
-            0,
-            "forward",
-            hidden_dims,
-            num_transforms,
-            permutation,
-            batch_norm,
-            residual,
-            activation,
-            scale,
-            log_scale_bound,
-            seed,
-            sequential,
-        )
-    )
+    _check_options("iaf", dict(options))
+    return FlowStack(_autoregressive_stack(input_dim, 0, "forward", hidden_dims, num_transforms, **options))
 
 
 def conditional_maf(
@@ -364,15 +343,7 @@ def conditional_maf(
     context_dim: int,
     hidden_dims: Sequence[int] | None = None,
     num_transforms: int = 5,
-    *,
-    permutation: Permutation = "reverse",
-    batch_norm: bool = False,
-    residual: bool = False,
-    activation: Callable[[], nn.Module] = nn.ReLU,
-    scale: Scale = "softclamp",
-    log_scale_bound: float = 3.0,
-    seed: int = 0,
-    sequential: SequentialMethod = "incremental",
+    **options: Unpack[AutoregressiveOptions],
 ) -> ConditionalFlowStack:
     """A MAF whose every MADE reads a context; ``.condition(context)`` gives a :class:`FlowStack`.
 
@@ -382,22 +353,9 @@ def conditional_maf(
         >>> flow.condition(torch.randn(3)).inverse_and_log_det(torch.randn(5, 2))[1].shape
         torch.Size([5])
     """
+    _check_options("conditional_maf", dict(options))
     return ConditionalFlowStack(
-        _autoregressive_stack(
-            input_dim,
-            context_dim,
-            "inverse",
-            hidden_dims,
-            num_transforms,
-            permutation,
-            batch_norm,
-            residual,
-            activation,
-            scale,
-            log_scale_bound,
-            seed,
-            sequential,
-        )
+        _autoregressive_stack(input_dim, context_dim, "inverse", hidden_dims, num_transforms, **options)
     )
 
 
@@ -406,15 +364,7 @@ def conditional_iaf(
     context_dim: int,
     hidden_dims: Sequence[int] | None = None,
     num_transforms: int = 5,
-    *,
-    permutation: Permutation = "reverse",
-    batch_norm: bool = False,
-    residual: bool = False,
-    activation: Callable[[], nn.Module] = nn.ReLU,
-    scale: Scale = "softclamp",
-    log_scale_bound: float = 3.0,
-    seed: int = 0,
-    sequential: SequentialMethod = "incremental",
+    **options: Unpack[AutoregressiveOptions],
 ) -> ConditionalFlowStack:
     """An IAF whose every MADE reads a context, as in amortized VAE posteriors (Kingma et al. 2016).
 
@@ -424,20 +374,7 @@ def conditional_iaf(
         >>> flow.condition(torch.randn(5, 3))(torch.randn(5, 2)).shape
         torch.Size([5, 2])
     """
+    _check_options("conditional_iaf", dict(options))
     return ConditionalFlowStack(
-        _autoregressive_stack(
-            input_dim,
-            context_dim,
-            "forward",
-            hidden_dims,
-            num_transforms,
-            permutation,
-            batch_norm,
-            residual,
-            activation,
-            scale,
-            log_scale_bound,
-            seed,
-            sequential,
-        )
+        _autoregressive_stack(input_dim, context_dim, "forward", hidden_dims, num_transforms, **options)
     )
