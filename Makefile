@@ -23,11 +23,13 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pyro-nf train --flow glow --data digits --out outputs/demo/digits-glow --overwrite --no-progress
 	@echo "demo outputs: outputs/demo/moons-maf/ and outputs/demo/digits-glow/ (samples.png, curves.png, metrics.json, train.log)"
 
+# Tests run single-threaded: their networks are tiny, and two threads handing off small ops
+# cost far more than they gain (also in the subprocesses the tests start).
 test: $(STAMP) lint docs
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -x tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pyro_nf tests examples benchmarks docs
