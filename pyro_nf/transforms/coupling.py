@@ -56,6 +56,20 @@ def split_indices(kept: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return kept_index, moved_index, torch.cat([kept_index, moved_index]).argsort()
 
 
+def contiguous_split(kept: Tensor) -> tuple[bool, int] | None:
+    """``(kept_first, num_kept)`` when the kept entries are one block at the start or the end, else None.
+
+    Such a split (the ``"half"`` masks) is done with slices and one concatenation instead of three
+    gathers, whose backward passes are scatters.
+    """
+    num_kept = int(kept.sum())
+    if bool(kept[:num_kept].all()):
+        return True, num_kept
+    if bool(kept[kept.numel() - num_kept :].all()):
+        return False, num_kept
+    return None
+
+
 class ConditionedAffineCoupling(FlowTransform):
     """The math of an affine coupling layer, given its network, split and an optional context."""
 
@@ -81,18 +95,27 @@ class ConditionedAffineCoupling(FlowTransform):
 
     def _set_split(self, kept: Tensor) -> None:
         self.kept_index, self.moved_index, self.restore_index = split_indices(kept)
+        self.block = contiguous_split(kept)
 
     def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
         return (self.net, self.context)
 
     def _couple(self, x: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
-        x_a = x.index_select(-1, self.kept_index)
-        x_b = x.index_select(-1, self.moved_index)
+        block = self.block
+        if block is None:
+            x_a = x.index_select(-1, self.kept_index)
+            x_b = x.index_select(-1, self.moved_index)
+        elif block[0]:
+            x_a, x_b = x[..., : block[1]], x[..., block[1] :]
+        else:
+            x_b, x_a = x[..., : x.shape[-1] - block[1]], x[..., x.shape[-1] - block[1] :]
         a, b = self.net(x_a, self.context).chunk(2, dim=-1)
         mu, alpha = shift_and_log_scale(a, b, self.scale, self.log_scale_bound)
         y_b = x_b * alpha.exp() + mu if forward else (x_b - mu) * (-alpha).exp()
         y_a = x_a.expand(*y_b.shape[:-1], x_a.shape[-1])
-        return torch.cat([y_a, y_b], -1).index_select(-1, self.restore_index), alpha.sum(-1)
+        if block is None:
+            return torch.cat([y_a, y_b], -1).index_select(-1, self.restore_index), alpha.sum(-1)
+        return torch.cat([y_a, y_b] if block[0] else [y_b, y_a], -1), alpha.sum(-1)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._couple(x, forward=True)
@@ -125,6 +148,7 @@ class AffineCoupling(ConditionedAffineCoupling, FlowTransformModule):
     def _set_split(self, kept: Tensor) -> None:
         for name, index in zip(("kept_index", "moved_index", "restore_index"), split_indices(kept)):
             self.register_buffer(name, index)
+        self.block = contiguous_split(kept)
 
 
 class ConditionalAffineCoupling(ConditionalTransformModule):

@@ -1,0 +1,311 @@
+"""The same flows built in pyro_nf and in the libraries it is measured against.
+
+Every builder returns a :class:`Model`: the ``nn.Module`` that owns all the
+parameters, a ``log_prob(x)`` of data, and a ``sample(n)``. Each flow has
+``num_transforms`` layers whose networks have the hidden widths
+``hidden_dims`` (default ``[256, 256]``), a standard Normal base, and, for the
+autoregressive flows, the input order reversed between layers. What differs
+between libraries is what each library does by default: its scale map, its
+initialisation, its coupling mask.
+
+Directions, in pyro_nf's naming (forward maps base noise to data):
+
+- **MAF**: density of data is one network pass per layer, sampling is
+  sequential (D passes).
+- **IAF**: sampling is one pass per layer, density of arbitrary data is
+  sequential.
+- **RealNVP**: both directions are one pass.
+
+How each library's classes map onto these names is written next to each
+builder; a mapping was checked by reading the library's source, and
+:func:`check_directions` re-checks it by counting network calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+LIBRARIES: tuple[str, ...] = ("pyro_nf", "zuko", "nflows", "normflows", "pyro")
+FLOWS: tuple[str, ...] = ("MAF", "IAF", "RealNVP")
+
+
+@dataclass
+class Model:
+    """One flow of one library behind a common interface."""
+
+    library: str
+    flow: str
+    dim: int
+    module: nn.Module
+    log_prob: Callable[[Tensor], Tensor]
+    sample: Callable[[int], Tensor]
+    density_parallel: bool
+    sampling_parallel: bool
+
+
+def _mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int) -> nn.Sequential:
+    dims = [in_dim, *hidden_dims]
+    layers: list[nn.Module] = []
+    for a, b in zip(dims, dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(dims[-1], out_dim))
+    return nn.Sequential(*layers)
+
+
+# -- pyro_nf -------------------------------------------------------------------------------------------------
+def _pyro_nf(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
+    from pyro_nf import FlowModel
+    from pyro_nf.transforms import iaf, maf, realnvp
+
+    # maf: parallel="inverse" (data -> noise in one MADE pass); iaf: parallel="forward";
+    # realnvp: affine couplings with contiguous-half masks alternating between layers.
+    factory = {"MAF": maf, "IAF": iaf, "RealNVP": realnvp}[flow]
+    model = FlowModel(factory(dim, list(hidden_dims), num_transforms), (dim,))
+    return Model(
+        "pyro_nf",
+        flow,
+        dim,
+        model,
+        model.log_prob,
+        lambda n: model.sample((n,)),
+        flow != "IAF",
+        flow != "MAF",
+    )
+
+
+# -- zuko 1.6 ------------------------------------------------------------------------------------------------
+def _zuko(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
+    import zuko
+    from zuko.distributions import DiagNormal
+    from zuko.flows import Flow, LazyInverse, MaskedAutoregressiveTransform, UnconditionalDistribution
+
+    # zuko's transforms map data -> noise. MaskedAutoregressiveTransform computes that direction with one
+    # MaskedMLP pass and its inverse with D passes, so zuko.flows.MAF is a MAF. Wrapping each layer in
+    # LazyInverse swaps the directions: sampling is one pass, density D passes, which is an IAF.
+    # zuko.flows.RealNVP: affine couplings with alternating checkered masks.
+    kwargs = {"hidden_features": list(hidden_dims)}
+    if flow == "MAF":
+        model: nn.Module = zuko.flows.MAF(dim, transforms=num_transforms, **kwargs)
+    elif flow == "IAF":
+        orders = [torch.arange(dim), torch.arange(dim).flip(0)]
+        layers = [
+            LazyInverse(MaskedAutoregressiveTransform(dim, order=orders[i % 2], **kwargs))
+            for i in range(num_transforms)
+        ]
+        base = UnconditionalDistribution(DiagNormal, torch.zeros(dim), torch.ones(dim), buffer=True)
+        model = Flow(layers, base)
+    else:
+        model = zuko.flows.RealNVP(dim, transforms=num_transforms, **kwargs)
+    return Model(
+        "zuko",
+        flow,
+        dim,
+        model,
+        lambda x: model().log_prob(x),
+        lambda n: model().sample((n,)),
+        flow != "IAF",
+        flow != "MAF",
+    )
+
+
+# -- nflows 0.14 ---------------------------------------------------------------------------------------------
+class _NflowsNet(nn.Module):
+    """A plain MLP with the ``(inputs, context)`` signature nflows' couplings call."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dims: Sequence[int]) -> None:
+        super().__init__()
+        self.net = _mlp(in_dim, hidden_dims, out_dim)
+
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.net(inputs)
+
+
+def _nflows(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
+    from nflows.distributions import StandardNormal
+    from nflows.flows import Flow
+    from nflows.transforms import (
+        AffineCouplingTransform,
+        CompositeTransform,
+        InverseTransform,
+        MaskedAffineAutoregressiveTransform,
+        ReversePermutation,
+    )
+
+    # nflows' transforms map data -> noise. MaskedAffineAutoregressiveTransform does that direction with one
+    # MADE pass (its inverse loops D times): a MAF. InverseTransform(...) of it samples in one pass and
+    # needs D passes for density: an IAF. A MADE of hidden widths [h, h] is nflows' MADE with
+    # num_blocks=1 (input layer, one h -> h block, output layer) and no residual blocks.
+    # RealNVP: AffineCouplingTransform with a plain MLP conditioner and alternating checkered masks.
+    if len(set(hidden_dims)) != 1:
+        raise ValueError(f"nflows' MADE needs equal hidden widths, got {list(hidden_dims)}")
+    parts: list[nn.Module] = []
+    for i in range(num_transforms):
+        if i > 0:
+            parts.append(ReversePermutation(dim))
+        if flow == "RealNVP":
+            mask = (torch.arange(dim) + i) % 2
+            parts.append(
+                AffineCouplingTransform(mask, lambda a, b: _NflowsNet(a, b, hidden_dims))  # noqa: B023
+            )
+        else:
+            made = MaskedAffineAutoregressiveTransform(
+                dim, hidden_dims[0], num_blocks=len(hidden_dims) - 1, use_residual_blocks=False
+            )
+            parts.append(made if flow == "MAF" else InverseTransform(made))
+    model = Flow(CompositeTransform(parts), StandardNormal([dim]))
+    return Model(
+        "nflows",
+        flow,
+        dim,
+        model,
+        model.log_prob,
+        model.sample,
+        flow != "IAF",
+        flow != "MAF",
+    )
+
+
+# -- normflows 1.7.3 -----------------------------------------------------------------------------------------
+def _normflows(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
+    import normflows as nf
+
+    # normflows' layers map base -> data in forward(), and log_prob runs inverse(). Its
+    # MaskedAffineAutoregressive (documented as MAF) runs the MADE once in forward() and D times in
+    # inverse(): sequential for density, i.e. an IAF in our naming. nf.flows.Reverse(...) of it swaps the
+    # two, giving a MAF. RealNVP: AffineCouplingBlock (split in halves, exp scale) with a zero-initialised
+    # nf.nets.MLP, and a swap permutation between layers, as in normflows' RealNVP examples.
+    if flow != "RealNVP" and len(set(hidden_dims)) != 1:
+        raise ValueError(f"normflows' MADE needs equal hidden widths, got {list(hidden_dims)}")
+    flows: list[nn.Module] = []
+    for i in range(num_transforms):
+        if i > 0:
+            flows.append(nf.flows.Permute(dim, mode="swap"))
+        if flow == "RealNVP":
+            half = math.ceil(dim / 2)
+            net = nf.nets.MLP([half, *hidden_dims, 2 * (dim - half)], init_zeros=True)
+            flows.append(nf.flows.AffineCouplingBlock(net))
+        else:
+            made = nf.flows.MaskedAffineAutoregressive(
+                dim, hidden_dims[0], num_blocks=len(hidden_dims) - 1, use_residual_blocks=False
+            )
+            flows.append(nf.flows.Reverse(made) if flow == "MAF" else made)
+    model = nf.NormalizingFlow(nf.distributions.DiagGaussian(dim, trainable=False), flows)
+    return Model(
+        "normflows",
+        flow,
+        dim,
+        model,
+        model.log_prob,
+        lambda n: model.sample(n)[0],
+        flow != "IAF",
+        flow != "MAF",
+    )
+
+
+# -- Pyro 1.9 built-ins --------------------------------------------------------------------------------------
+def _pyro(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
+    import pyro.distributions as dist
+    from pyro.distributions.transforms import AffineAutoregressive, AffineCoupling, Permute
+    from pyro.nn import AutoRegressiveNN, DenseNN
+
+    # Pyro's transforms map base -> data. AffineAutoregressive computes forward with one
+    # AutoRegressiveNN pass and _inverse with D passes: an IAF. Its .inv is used as a MAF (density in one
+    # pass, sampling sequential); .inv hides the parameters from parameters(), so the modules are kept
+    # in a ModuleList. RealNVP: AffineCoupling (first floor(D/2) entries kept) with a DenseNN conditioner
+    # and a reversing Permute between layers.
+    modules = nn.ModuleList()
+    transforms: list = []
+    reverse = torch.arange(dim).flip(0)
+    for i in range(num_transforms):
+        if flow == "RealNVP":
+            if i > 0:
+                transforms.append(Permute(reverse))
+            split = dim // 2
+            layer = AffineCoupling(split, DenseNN(split, list(hidden_dims), [dim - split, dim - split]))
+            modules.append(layer)
+            transforms.append(layer)
+        else:
+            order = torch.arange(dim) if i % 2 == 0 else reverse
+            layer = AffineAutoregressive(AutoRegressiveNN(dim, list(hidden_dims), permutation=order))
+            modules.append(layer)
+            transforms.append(layer.inv if flow == "MAF" else layer)
+    if flow == "MAF":
+        transforms.reverse()  # the inverse of a stack runs its layers in reverse order
+    base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
+
+    def distribution() -> dist.TransformedDistribution:
+        return dist.TransformedDistribution(base, transforms)
+
+    return Model(
+        "pyro",
+        flow,
+        dim,
+        modules,
+        lambda x: distribution().log_prob(x),
+        lambda n: distribution().sample((n,)),
+        flow != "IAF",
+        flow != "MAF",
+    )
+
+
+_BUILDERS = {"pyro_nf": _pyro_nf, "zuko": _zuko, "nflows": _nflows, "normflows": _normflows, "pyro": _pyro}
+
+
+def build(
+    library: str,
+    flow: str,
+    dim: int,
+    *,
+    hidden_dims: Sequence[int] = (256, 256),
+    num_transforms: int = 5,
+    seed: int = 0,
+) -> Model:
+    """Build ``flow`` (``"MAF"``, ``"IAF"`` or ``"RealNVP"``) over ``dim`` inputs in ``library``."""
+    if library not in _BUILDERS:
+        raise ValueError(f"library: expected one of {LIBRARIES}, got {library!r}")
+    if flow not in FLOWS:
+        raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
+    torch.manual_seed(seed)
+    return _BUILDERS[library](flow, dim, tuple(hidden_dims), num_transforms)
+
+
+def _count_linear_calls(module: nn.Module, fn: Callable[[], object]) -> int:
+    """How many times ``fn`` runs the first linear layer of the first network of ``module``."""
+    first = next(m for m in module.modules() if type(m).__name__.endswith("Linear"))
+    calls = 0
+
+    def hook(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = first.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        handle.remove()
+    return calls
+
+
+def check_directions(model: Model) -> None:
+    """Raise ``AssertionError`` if a model's cheap directions are not the ones its flow name promises.
+
+    Counts the calls of the first layer's first linear map during ``log_prob`` and ``sample``: one call
+    means that direction is parallel; a sequential direction makes ``D`` or more full passes (zuko adds one
+    for the log-det), or none at all where the solver works on slices of the weights (pyro_nf's
+    incremental MADE solve). Needs ``model.dim >= 2``.
+    """
+    x = torch.randn(3, model.dim)
+    calls = {
+        "density": (_count_linear_calls(model.module, lambda: model.log_prob(x)), model.density_parallel),
+        "sampling": (_count_linear_calls(model.module, lambda: model.sample(3)), model.sampling_parallel),
+    }
+    for direction, (count, parallel) in calls.items():
+        if (count == 1) != parallel or (not parallel and 0 < count < model.dim):
+            expected = "1 pass" if parallel else f"at least {model.dim} passes"
+            raise AssertionError(f"{model.library} {model.flow} {direction}: expected {expected}, got {count}")
