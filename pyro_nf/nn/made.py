@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyro_nf.nn.nets import activate
+
 Order = Literal["natural", "reversed", "random"]
 SequentialMethod = Literal["incremental", "reference"]
 SEQUENTIAL_METHODS: tuple[SequentialMethod, ...] = ("incremental", "reference")
@@ -165,8 +167,9 @@ class MADE(nn.Module):
                 raise ValueError(f"MADE: expected a context of size {self.context_dim}, got None")
             h = h + self.context_layer(context)
         for act, layer in zip(self.activations, self.hidden_layers):
-            h = h + layer(act(h)) if self.residual else layer(act(h))
-        return self.output_layer(self.activations[-1](h))
+            # a residual block reads h again, so only the plain path may overwrite it
+            h = h + layer(act(h)) if self.residual else layer(activate(act, h))
+        return self.output_layer(activate(self.activations[-1], h))
 
     # -- the sequential direction ----------------------------------------------------
     def sequential(

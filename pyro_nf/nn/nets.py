@@ -15,6 +15,16 @@ import torch
 from torch import Tensor, nn
 
 
+def activate(act: nn.Module, h: Tensor) -> Tensor:
+    """Apply ``act`` to a freshly computed pre-activation ``h``, in place when it is a ReLU.
+
+    Only call it on a tensor nothing else reads afterwards (a linear layer's output): the
+    in-place ReLU saves one full-size buffer per hidden layer, which is a third of a wide
+    MADE's forward pass on CPU.
+    """
+    return torch.relu_(h) if type(act) is nn.ReLU else act(h)
+
+
 class MLP(nn.Module):
     """``in_dim (+ context_dim) -> hidden_dims -> out_dim`` with a zero-initialised head.
 
@@ -55,11 +65,11 @@ class MLP(nn.Module):
         if self.input_layer is not None:
             h = self.input_layer(x)
         else:
-            h = self.input_bias.expand(*x.shape[:-1], self.input_bias.shape[0])
+            h = self.input_bias.expand(*x.shape[:-1], self.input_bias.shape[0]).clone()
         if self.context_layer is not None:
             if context is None:
                 raise ValueError(f"MLP: expected a context of size {self.context_dim}, got None")
             h = h + self.context_layer(context)
         for act, layer in zip(self.activations, self.hidden_layers):
-            h = layer(act(h))
-        return self.output_layer(self.activations[-1](h))
+            h = layer(activate(act, h))
+        return self.output_layer(activate(self.activations[-1], h))
