@@ -1,4 +1,4 @@
-"""Figures for 2D density models and training curves, written as PNG files.
+"""Figures for 2D density models, training curves and grids of images, written as PNG files.
 
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` rendered by the
 Agg canvas: nothing touches ``pyplot``'s global state or needs a display, so
@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-__all__ = ["plot_curves", "plot_density_2d"]
+__all__ = ["plot_curves", "plot_density_2d", "plot_image_grids", "save_figure", "tile_images"]
 
 _Bounds = tuple[tuple[float, float], tuple[float, float]]
 PANEL_INCHES = 4.0
@@ -31,8 +31,20 @@ DPI = 100
 """Resolution of the PNG files; a ``k``-panel figure is ``k * 400`` by 400 pixels."""
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Render ``fig`` with Agg and write it to ``path`` atomically; return the path."""
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Render ``fig`` with Agg and write it to ``path`` as a PNG, atomically; return the path.
+
+    The folder is created if needed; the image goes to a temporary file in the
+    same folder, then :func:`os.replace` puts it in place.
+
+    Example::
+
+        >>> import tempfile
+        >>> from matplotlib.figure import Figure
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_figure(Figure(figsize=(2, 2)), f"{folder}/sub/empty.png").name
+        'empty.png'
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -187,7 +199,7 @@ def plot_density_2d(
     ax_density.set_title(f"learned density (mass in box {mass:.3f})")
     _frame(ax_density, bounds)
     _scatter(ax_samples, samples_np, bounds, "samples")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(
@@ -240,4 +252,96 @@ def plot_curves(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def _images(name: str, images: Tensor | np.ndarray) -> np.ndarray:
+    """Validate a ``(N, C, H, W)`` batch of images and return it as a NumPy array."""
+    if isinstance(images, Tensor):
+        images = images.detach().cpu().numpy()
+    elif not isinstance(images, np.ndarray):
+        raise TypeError(f"{name}: expected a Tensor or ndarray of shape (N, C, H, W), got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"{name}: expected shape (N, C, H, W), got {tuple(images.shape)}")
+    return images
+
+
+def _positive_int(name: str, value: int, least: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name}: expected an int >= {least}, got {value!r}")
+
+
+def tile_images(images: Tensor | np.ndarray, per_row: int) -> np.ndarray:
+    """Tile ``(N, C, H, W)`` images into one canvas, ``per_row`` to a row, one pixel apart.
+
+    The gaps and the empty cells of the last row take the largest pixel value
+    (at least 0). A one-channel canvas is ``(rows * (H + 1), per_row * (W + 1))``;
+    otherwise the channels come last, as :meth:`matplotlib.axes.Axes.imshow` wants.
+
+    Args:
+        images: the images, shape ``(N, C, H, W)``.
+        per_row: images per row of the canvas.
+
+    Returns:
+        The canvas, a float64 array.
+
+    Example::
+
+        >>> tile_images(np.zeros((5, 1, 2, 2)), per_row=4).shape
+        (6, 12)
+    """
+    images = _images("images", images)
+    _positive_int("per_row", per_row)
+    n, c, h, w = images.shape
+    rows = math.ceil(n / per_row)
+    canvas = np.ones((rows * (h + 1), per_row * (w + 1), c)) * images.max(initial=0)
+    for i, image in enumerate(images):
+        r, col = divmod(i, per_row)
+        canvas[r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = image.transpose(1, 2, 0)
+    return canvas[..., 0] if c == 1 else canvas
+
+
+def plot_image_grids(
+    panels: Mapping[str, Tensor | np.ndarray],
+    path: str | os.PathLike[str],
+    *,
+    n_levels: int = 256,
+    per_row: int = 8,
+) -> Path:
+    """Write a PNG of image grids side by side, one titled panel per entry of ``panels``.
+
+    Typically the data beside a flow's samples at several temperatures (the base
+    noise scaled by ``T``, as in the Glow paper). Each panel tiles its images
+    with :func:`tile_images` and shows pixel levels ``0 .. n_levels - 1`` in grey,
+    black to white.
+
+    Args:
+        panels: a title to its images, shape ``(N, C, H, W)``, in pixel levels.
+        path: the PNG file to write; its folder is created if needed.
+        n_levels: the number of pixel levels (256 for 8-bit images).
+        per_row: images per row of each grid.
+
+    Returns:
+        The path written. The image is ``300 * len(panels)`` by 330 pixels.
+
+    Example::
+
+        >>> import tempfile
+        >>> images = torch.randint(0, 17, (16, 1, 8, 8)).float()
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     out = plot_image_grids({"data": images, "T = 1": images}, f"{folder}/g.png", n_levels=17, per_row=4)
+        ...     out.name
+        'g.png'
+    """
+    if not isinstance(panels, Mapping) or not panels:
+        raise ValueError(f"panels: expected a non-empty mapping of title to images, got {panels!r}")
+    _positive_int("n_levels", n_levels, least=2)
+    _positive_int("per_row", per_row)
+    grids = {title: tile_images(_images(f"panels[{title!r}]", images), per_row) for title, images in panels.items()}
+    fig = Figure(figsize=(3 * len(grids), 3.3), layout="constrained")
+    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+    for ax, (title, grid) in zip(axes, grids.items()):
+        ax.imshow(grid / (n_levels - 1), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title)
+        ax.axis("off")
+    return save_figure(fig, path)

@@ -12,26 +12,18 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.test_examples import ROOT, run_example
 
 
-def _run(*args: str) -> None:
-    env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "image_flows.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"image_flows.py exited with {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example runs on one thread (``run_example`` hands this environment to it)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 @pytest.mark.parametrize("flow", ["glow", "realnvp"])
 def test_image_flows_smoke(tmp_path: Path, flow: str) -> None:
-    _run("--smoke-test", "--flow", flow, "--out", str(tmp_path))
+    run_example("image_flows.py", "--smoke-test", "--flow", flow, "--out", str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.json", "samples.png"]
     assert imread(tmp_path / "samples.png").shape[-1] == 4
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -40,7 +32,7 @@ def test_image_flows_smoke(tmp_path: Path, flow: str) -> None:
     if flow == "realnvp":
         return
     # resuming reads the checkpoint back and goes on from its step (to 8 steps)
-    _run("--smoke-test", "--steps", "8", "--flow", flow, "--out", str(tmp_path), "--resume")
+    run_example("image_flows.py", "--smoke-test", "--steps", "8", "--flow", flow, "--out", str(tmp_path), "--resume")
     resumed = json.loads((tmp_path / "metrics.json").read_text())
     assert resumed["steps"] == 8 and resumed["curve"][:2] == metrics["curve"]
 

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 from torch.distributions import MultivariateNormal
 
 import pyro_nf
-from pyro_nf.plotting import plot_curves, plot_density_2d
+from pyro_nf.plotting import plot_curves, plot_density_2d, plot_image_grids, tile_images
 from pyro_nf.transforms import maf
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -113,3 +113,28 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         plot_curves({"train": [1.0, 0.5]}, target)
     assert only_file(tmp_path) == target and not any(target.iterdir())
+
+
+def test_image_grids(tmp_path: Path) -> None:
+    images = torch.zeros(5, 1, 3, 2)
+    images[0, 0, 0, 0] = 16.0  # one white pixel, top left of the first image
+    canvas = tile_images(images, per_row=4)
+    assert canvas.shape == (2 * 4, 4 * 3)
+    assert canvas[0, 0] == 16.0 and canvas[0, 1] == 0.0
+    assert (canvas[3, :] == 16.0).all() and (canvas[4:, 3:] == 16.0).all()  # gutters and empty cells: the maximum
+    assert tile_images(np.zeros((2, 3, 4, 4)), per_row=2).shape == (5, 10, 3)
+    out = plot_image_grids({"data": images, "T = 0.5": images, "T = 1": images}, tmp_path / "g.png", n_levels=17)
+    assert out == tmp_path / "g.png" and only_file(tmp_path) == out
+    assert read_png(out).shape == (330, 900, 4)
+    one = plot_image_grids({"data": images}, tmp_path / "one" / "g.png", n_levels=17, per_row=2)
+    assert read_png(one).shape == (330, 300, 4)
+    with pytest.raises(ValueError, match="panels: expected a non-empty mapping"):
+        plot_image_grids({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"panels\['data'\]: expected shape \(N, C, H, W\), got \(5, 3, 2\)"):
+        plot_image_grids({"data": images[:, 0]}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="n_levels: expected an int >= 2, got 1"):
+        plot_image_grids({"data": images}, tmp_path / "x.png", n_levels=1)
+    with pytest.raises(ValueError, match="per_row: expected an int >= 1, got 0"):
+        tile_images(images, per_row=0)
+    with pytest.raises(TypeError, match="images: expected a Tensor or ndarray"):
+        tile_images([[0.0]], per_row=1)  # type: ignore[arg-type]

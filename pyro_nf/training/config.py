@@ -1,0 +1,368 @@
+"""The configuration of a training run: flows, datasets, per-data defaults, validation and resume rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pyro_nf.data import TOY_DATASETS
+from pyro_nf.data.files import is_data_file
+
+__all__ = [
+    "FLOWS",
+    "IMAGE_DATASETS",
+    "ConfigError",
+    "FlowSpec",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "Unavailable",
+    "available_datasets",
+    "available_flows",
+    "data_kind",
+    "merge_resume",
+    "resolve_config",
+]
+
+DataKind = Literal["toy", "file", "image"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (unknown flow or dataset, a flow that does not fit the data, ...)."""
+
+
+class Unavailable(ConfigError):
+    """A flow or dataset whose implementation is not part of this version of pyro_nf."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """How the trainer builds one flow family."""
+
+    name: str
+    kind: Literal["vector", "image"]
+    module: str
+    factory: str
+    summary: str
+
+
+FLOWS: dict[str, FlowSpec] = {
+    spec.name: spec
+    for spec in (
+        FlowSpec("maf", "vector", "pyro_nf.transforms.autoregressive", "maf", "masked autoregressive flow"),
+        FlowSpec("iaf", "vector", "pyro_nf.transforms.autoregressive", "iaf", "inverse autoregressive flow"),
+        FlowSpec("realnvp", "vector", "pyro_nf.transforms.coupling", "realnvp", "affine coupling flow for vectors"),
+        FlowSpec("ffjord", "vector", "pyro_nf.transforms.continuous", "ffjord", "continuous normalizing flow (FFJORD)"),
+        FlowSpec("glow", "image", "pyro_nf.transforms.glow", "glow", "Glow (actnorm, 1x1 conv, coupling)"),
+        FlowSpec(
+            "realnvp-multiscale",
+            "image",
+            "pyro_nf.transforms.multiscale",
+            "realnvp_multiscale",
+            "multiscale RealNVP for images",
+        ),
+    )
+}
+"""The flows ``--flow`` accepts."""
+
+IMAGE_DATASETS: dict[str, str] = {
+    "digits": "8x8 handwritten digits from scikit-learn (1797 images, 17 grey levels)",
+    "mnist": "MNIST 28x28 (60000 + 10000 images)",
+    "fashion-mnist": "Fashion-MNIST 28x28 (60000 + 10000 images)",
+}
+"""The built-in image datasets ``--data`` accepts."""
+
+_IMAGES_MODULE = "pyro_nf.data.images"
+
+
+def _import(module: str, what: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name is not None and (module == error.name or module.startswith(error.name + ".")):
+            raise Unavailable(f"{what} is not available in this version of pyro_nf (no module {module})") from None
+        raise
+
+
+def available_flows() -> dict[str, bool]:
+    """Which flows of :data:`FLOWS` this installation can build."""
+    return {name: importlib.util.find_spec(spec.module) is not None for name, spec in FLOWS.items()}
+
+
+def available_datasets() -> dict[str, bool]:
+    """Which built-in datasets this installation can load (toys always, images when their loader exists)."""
+    images = importlib.util.find_spec(_IMAGES_MODULE) is not None
+    return {**{name: True for name in TOY_DATASETS}, **{name: images for name in IMAGE_DATASETS}}
+
+
+@dataclass
+class TrainConfig:
+    """The full, resolved configuration of a training run (every field a plain value).
+
+    Build one with :func:`resolve_config`, which fills the defaults that depend
+    on the kind of data. Fields that do not apply to the chosen flow are None.
+
+    Fields:
+
+    - ``flow``: a key of :data:`FLOWS`.
+    - ``data``: a toy name, an image dataset name, or a path to a ``.npy``/``.npz``/``.csv`` file.
+    - ``out``: the folder that receives every output.
+    - ``steps``: optimizer steps in total.
+    - ``epochs``: the number of passes over the training set ``steps`` came from, if given that way.
+    - ``batch_size``: samples per (global) batch.
+    - ``lr``: Adam's learning rate after warm-up.
+    - ``warmup_steps``: the learning rate rises linearly from ``lr / warmup_steps`` over these steps.
+    - ``grad_clip``: the largest gradient norm (0 turns clipping off).
+    - ``seed``: seeds the model's initialisation, the data split, the shuffling and the noise.
+    - ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
+    - ``hidden``: hidden widths of the vector flows' networks.
+    - ``num_transforms``: layers of a vector flow.
+    - ``levels``: scales of an image flow.
+    - ``depth``: steps per level of an image flow.
+    - ``hidden_channels``: channels of an image flow's coupling networks.
+    - ``coupling``: ``"affine"`` or ``"additive"`` (image flows).
+    - ``n_levels``: pixel levels of image data (None for vectors).
+    - ``data_dir``: a folder with the MNIST / Fashion-MNIST IDX files (default: the offline copies).
+    - ``n_train``: training points drawn from a toy density.
+    - ``n_val``: validation points (toys; files use 10 %).
+    - ``n_test``: test points (toys; files use 10 %).
+    - ``val_every``: steps between validations (a figure, the curves and a checkpoint).
+    - ``checkpoint_every``: steps between checkpoints.
+    - ``log_every``: steps between lines of ``history.csv``.
+    - ``num_samples``: samples drawn for figures.
+    - ``progress``: show a progress bar.
+    """
+
+    flow: str
+    data: str
+    out: str
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    grad_clip: float
+    seed: int
+    device: str
+    epochs: int | None = None
+    hidden: list[int] | None = None
+    num_transforms: int | None = None
+    levels: int | None = None
+    depth: int | None = None
+    hidden_channels: int | None = None
+    coupling: str | None = None
+    n_levels: int | None = None
+    data_dir: str | None = None
+    n_train: int | None = None
+    n_val: int | None = None
+    n_test: int | None = None
+    val_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 10
+    num_samples: int = 2000
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Rebuild from :meth:`to_dict`'s output (unknown keys are an error)."""
+        unknown = _unknown_fields(cls, values)
+        if unknown:
+            raise ConfigError(f"configuration: unknown keys {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _unknown_fields(cls: type[TrainConfig], values: dict[str, Any]) -> list[str]:
+    """The keys of ``values`` that are not fields of ``cls``, sorted."""
+    return sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+
+
+def _flag(key: str) -> str:
+    """The command-line option of a :class:`TrainConfig` field: ``warmup_steps`` -> ``--warmup-steps``."""
+    return f"--{key.replace('_', '-')}"
+
+
+_RESUMABLE = {"steps", "epochs", "val_every", "checkpoint_every", "log_every", "progress", "device", "num_samples"}
+"""Options a resumed run may change; all others must match the checkpoint."""
+
+
+def data_kind(data: str) -> DataKind:
+    """``"toy"``, ``"image"`` or ``"file"``; raises :class:`ConfigError` listing the choices otherwise."""
+    if data in TOY_DATASETS:
+        return "toy"
+    if data in IMAGE_DATASETS:
+        return "image"
+    if is_data_file(data):
+        return "file"
+    raise ConfigError(
+        f"--data: unknown dataset {data!r}; expected one of {', '.join(TOY_DATASETS)}, "
+        f"{', '.join(IMAGE_DATASETS)}, or a path to a .npy, .npz or .csv file"
+    )
+
+
+def _defaults(flow: str, kind: DataKind, data: str) -> dict[str, Any]:
+    """Per-data-kind defaults (see ``docs/families/command-line.md``)."""
+    spec = FLOWS[flow]
+    out: dict[str, Any] = {"seed": 0, "device": "auto", "grad_clip": 0.0, "warmup_steps": 0}
+    if spec.kind == "image":
+        big = data in ("mnist", "fashion-mnist")
+        out.update(
+            steps=20000 if big else 1500,
+            batch_size=64,
+            lr=1e-3,
+            warmup_steps=1000 if big else 100,
+            grad_clip=50.0,
+            levels=(3 if big else 2) if flow == "realnvp-multiscale" else 2,
+            depth=16 if big else 4,
+            hidden_channels=256 if big else 32,
+            coupling="affine",
+            val_every=2000 if big else 250,
+            num_samples=64,
+        )
+        return out
+    out.update(batch_size=256, lr=1e-3, val_every=500, num_samples=2000)
+    if flow == "ffjord":
+        out.update(steps=1000, hidden=[64, 64, 64], num_transforms=1, val_every=250)
+    elif kind == "toy":
+        out.update(steps=2000, hidden=[128, 128], num_transforms=6 if flow == "realnvp" else 5)
+    else:
+        out.update(steps=5000, hidden=None, num_transforms=6 if flow == "realnvp" else 5)
+        if kind == "image":
+            out.update(batch_size=128, lr=1e-4, warmup_steps=100, num_samples=64)
+    if kind == "toy":
+        out.update(n_train=20000, n_val=5000, n_test=5000)
+    return out
+
+
+def resolve_config(options: dict[str, Any]) -> TrainConfig:
+    """Fill every option left as None with its default for the flow and kind of data.
+
+    ``options`` holds :class:`TrainConfig` fields; ``flow`` and ``data`` may be
+    None (MAF, two moons). ``epochs`` (if given) is kept and turned into steps
+    once the size of the training set is known.
+
+    Example::
+
+        >>> config = resolve_config({"flow": "maf", "data": "moons", "out": "runs/demo"})
+        >>> config.steps, config.batch_size, config.hidden
+        (2000, 256, [128, 128])
+    """
+    unknown = _unknown_fields(TrainConfig, options)
+    if unknown:
+        raise ConfigError(f"unknown options {', '.join(unknown)}")
+    flow = options.get("flow") or "maf"
+    data = options.get("data") or "moons"
+    if flow not in FLOWS:
+        raise ConfigError(f"--flow: unknown flow {flow!r}; expected one of {', '.join(FLOWS)}")
+    kind = data_kind(data)
+    if kind == "file":
+        data = str(Path(data).expanduser().resolve())
+    spec = FLOWS[flow]
+    if spec.kind == "image" and kind == "toy":
+        raise ConfigError(f"--flow {flow} models images, but {data!r} is a 2D toy; use maf, iaf, realnvp or ffjord")
+    values = {key: value for key, value in options.items() if value is not None}
+    values["flow"], values["data"] = flow, data
+    merged = {**_defaults(flow, kind, data), **values}
+    if "out" not in merged:
+        stem = Path(data).stem if kind == "file" else data
+        merged["out"] = str(Path("runs") / f"{stem}-{flow}")
+    if spec.kind == "vector":
+        for key in ("levels", "depth", "hidden_channels", "coupling"):
+            if key in values:
+                raise ConfigError(f"{_flag(key)} applies to image flows, not to {flow}")
+    else:
+        for key in ("hidden", "num_transforms"):
+            if key in values:
+                raise ConfigError(f"{_flag(key)} applies to vector flows, not to {flow}")
+    if "data_dir" in values:
+        if kind != "image" or data == "digits":
+            raise ConfigError(f"--data-dir applies to mnist and fashion-mnist, not to {data!r}")
+        merged["data_dir"] = str(Path(values["data_dir"]).expanduser().resolve())
+    if kind != "toy":
+        for key in ("n_train", "n_val", "n_test"):
+            if key in values:
+                raise ConfigError(f"{_flag(key)} applies to the 2D toys, not to {data!r}")
+    if "steps" in values and "epochs" in values:
+        raise ConfigError("give either --steps or --epochs, not both")
+    if "epochs" in values:
+        merged["steps"] = 0  # set from the training-set size in prepare_data
+    if "checkpoint_every" not in values:
+        merged["checkpoint_every"] = merged.get("val_every", 500)
+    config = TrainConfig(**merged)
+    _validate(config)
+    return config
+
+
+def _validate(config: TrainConfig) -> None:
+    positive = {
+        "batch_size": config.batch_size,
+        "val_every": config.val_every,
+        "checkpoint_every": config.checkpoint_every,
+        "log_every": config.log_every,
+        "num_samples": config.num_samples,
+    }
+    for key in ("epochs", "num_transforms", "levels", "depth", "hidden_channels", "n_train", "n_val", "n_test"):
+        value = getattr(config, key)
+        if value is not None:
+            positive[key] = value
+    if config.epochs is None:
+        positive["steps"] = config.steps
+    for key, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{_flag(key)}: expected a positive integer, got {value!r}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ConfigError(f"--lr: expected a positive number, got {config.lr!r}")
+    if config.warmup_steps < 0:
+        raise ConfigError(f"--warmup-steps: expected an integer >= 0, got {config.warmup_steps!r}")
+    if not (math.isfinite(config.grad_clip) and config.grad_clip >= 0):
+        raise ConfigError(f"--grad-clip: expected a number >= 0 (0 turns it off), got {config.grad_clip!r}")
+    if config.hidden is not None and (not config.hidden or any(h < 1 for h in config.hidden)):
+        raise ConfigError(f"--hidden: expected positive widths such as 64,64, got {config.hidden!r}")
+    if config.coupling is not None and config.coupling not in ("affine", "additive"):
+        raise ConfigError(f"--coupling: expected affine or additive, got {config.coupling!r}")
+    if config.n_levels is not None and config.n_levels < 2:
+        raise ConfigError(f"--n-levels: expected an integer >= 2, got {config.n_levels!r}")
+    if config.device != "auto":
+        try:
+            torch.device(config.device)
+        except RuntimeError:
+            raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {config.device!r}") from None
+
+
+def merge_resume(saved: dict[str, Any], options: dict[str, Any]) -> TrainConfig:
+    """The configuration of a resumed run: the checkpoint's, with the few options a resume may change.
+
+    Raises:
+        ConfigError: an option that differs from the checkpoint's and cannot change on resume.
+    """
+    config = TrainConfig.from_dict(saved)
+    for key, value in options.items():
+        if value is None or key in ("out",):
+            continue
+        if key == "data" and data_kind(value) == "file":
+            value = str(Path(value).expanduser().resolve())
+        if key in _RESUMABLE:
+            setattr(config, key, value)
+            if key == "steps":
+                config.epochs = None
+        elif getattr(config, key) != value:
+            raise ConfigError(
+                f"{_flag(key)} {value!r} differs from the resumed run's {getattr(config, key)!r}; "
+                f"a resumed run keeps its configuration (only {', '.join(sorted(_RESUMABLE))} may change)"
+            )
+    if options.get("epochs") is not None:
+        config.steps = 0
+    _validate(config)
+    return config

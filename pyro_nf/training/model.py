@@ -1,0 +1,97 @@
+"""The flow model of a training run, and its metric: nats per sample, or bits per dimension for images."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from pyro_nf.distributions import FlowModel
+from pyro_nf.training.config import FLOWS, ConfigError, TrainConfig, _import
+from pyro_nf.training.data import PreparedData
+
+__all__ = ["build_model", "evaluate_nll"]
+
+
+def build_model(config: TrainConfig, data: PreparedData) -> FlowModel:
+    """The flow named by ``config.flow`` over the data's event shape, as a :class:`~pyro_nf.distributions.FlowModel`."""
+    spec = FLOWS[config.flow]
+    module = _import(spec.module, f"--flow {config.flow}")
+    factory = getattr(module, spec.factory)
+    if spec.kind == "vector":
+        dim = math.prod(data.event_shape)
+        if config.flow == "ffjord":
+            flow = factory(dim, hidden_dims=config.hidden)
+        else:
+            flow = factory(dim, hidden_dims=config.hidden, num_transforms=config.num_transforms)
+        return FlowModel(flow, (dim,))
+    if data.kind != "image":
+        raise ConfigError(
+            f"--flow {config.flow} models images of shape (C, H, W), but the data are vectors of "
+            f"shape {data.event_shape}; use maf, iaf, realnvp or ffjord, or save images as (N, C, H, W)"
+        )
+    shape = data.event_shape
+    assert config.levels is not None
+    squeezes = config.levels if config.flow == "glow" else config.levels - 1
+    factor = 2**squeezes
+    if shape[1] % factor or shape[2] % factor:
+        raise ConfigError(
+            f"--flow {config.flow} with --levels {config.levels} halves the image size {squeezes} times, so "
+            f"height and width must be multiples of {factor}; got images of shape {shape}; give fewer --levels"
+        )
+    if config.flow == "glow":
+        flow = factory(
+            shape,
+            levels=config.levels,
+            depth=config.depth,
+            hidden_channels=config.hidden_channels,
+            coupling=config.coupling,
+        )
+    else:
+        flow = factory(shape, num_scales=config.levels, hidden_channels=config.hidden_channels)
+    return FlowModel(flow, shape)
+
+
+def _model_view(model: nn.Module, y: Tensor) -> Tensor:
+    shape: tuple[int, ...] = tuple(model.event_shape)  # type: ignore[arg-type]
+    return y.reshape(y.shape[0], *shape)
+
+
+def _metric_name(data: PreparedData) -> str:
+    return data.preprocess.metric_name
+
+
+def _metric(model: nn.Module, data: PreparedData, y: Tensor) -> Tensor:
+    """The metric per sample (nats, or bits per dimension for images) of preprocessed data ``y``."""
+    return data.preprocess.metric(model(_model_view(_unwrap(model), y)))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(_unwrap(model).buffers()).device
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _generator(seed: int, step: int) -> torch.Generator:
+    """The generator of the dequantization noise of one global batch: a function of (seed, step) only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def evaluate_nll(model: nn.Module, data: PreparedData, x: Tensor, *, batch_size: int = 1024, seed: int = 0) -> float:
+    """The mean metric (nats per sample, or bits per dimension for images) of ``model`` on ``x``."""
+    device = _device_of(model)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    generator = _generator(seed, 0)
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            chunk = x[start : start + batch_size].to(device)
+            y = data.preprocess.to_model(chunk, generator)
+            total += float(_metric(_unwrap(model), data, y).double().sum())
+            count += len(chunk)
+    model.train(was_training)
+    return total / count
