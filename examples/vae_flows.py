@@ -21,14 +21,12 @@ statically binarized MNIST of the papers.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -36,6 +34,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import ClippedAdam
 from torch import Tensor, nn
 
+from pyro_nf.data.images import ImageDataError, load_digits, load_mnist
 from pyro_nf.infer import AmortizedFlowPosterior, iwae_log_likelihood
 from pyro_nf.infer.amortized import POSTERIORS
 from pyro_nf.transforms import maf, realnvp
@@ -47,34 +46,18 @@ PRIORS = ("normal", "maf", "realnvp")
 # -- data --------------------------------------------------------------------------------------------------------
 
 
-def _as_unit_interval(images: Any, levels: float) -> Tensor:
-    array = np.asarray(images, dtype=np.float32).reshape(len(images), -1)
-    return torch.from_numpy(array / levels)
-
-
 def load_data(smoke_test: bool) -> tuple[Tensor, Tensor, str]:
     """Grey levels in [0, 1], flattened: (train, test, description)."""
-    try:
-        images = importlib.import_module("pyro_nf.data.images")
-        loader = getattr(images, "load_mnist", None)
-        if loader is not None and not smoke_test:
-            data = loader()
-            train, test = (data["train"], data["test"]) if isinstance(data, dict) else (data[0], data[1])
-            train, test = (getattr(a, "images", a) for a in (train, test))
-            scale = 255.0 if np.asarray(train).max() > 1.0 else 1.0
-            return (
-                _as_unit_interval(train, scale),
-                _as_unit_interval(test, scale),
-                "MNIST 28x28 (dynamically binarized)",
-            )
-    except (ImportError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        print(f"note: MNIST not available ({error}); using scikit-learn's 8x8 digits", file=sys.stderr)
-    from sklearn.datasets import load_digits
-
-    x = _as_unit_interval(load_digits().data, 16.0)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x = x[perm]
-    return x[:1500], x[1500:], "sklearn 8x8 digits, intensities / 16 (dynamically binarized)"
+    data = None
+    if not smoke_test:
+        try:
+            data = load_mnist()
+        except ImageDataError as error:
+            print(f"note: MNIST not available ({error}); using scikit-learn's 8x8 digits", file=sys.stderr)
+    if data is None:
+        data = load_digits()
+    train, test = (x.reshape(len(x), -1).float() / (data.n_levels - 1) for x in (data.train, data.test))
+    return train, test, f"{data.name} {'x'.join(map(str, data.shape[1:]))} (dynamically binarized)"
 
 
 def binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
