@@ -72,6 +72,19 @@ def test_smoke_run_writes_every_row(tmp_path: Path) -> None:
         assert re.fullmatch(r"[+-]\d+\.\d+", cells[5]), (key, cells)
 
 
+def test_sequential_threads_script_reports_three_ratios() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sequential_threads.py"), "--dim", "5", "--points", "64"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ratios = [float(r) for r in re.findall(r"= (\d+\.\d+)x", result.stdout)]
+    assert len(ratios) == 3 and all(math.isfinite(r) and r > 0 for r in ratios), result.stdout
+
+
 # -- the Gaussian mixture targets -------------------------------------------------------------------------------
 def _grid_mass(target: GaussianMixtureTarget, lo: float, hi: float, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     axis = torch.linspace(lo, hi, n, dtype=torch.float64)
