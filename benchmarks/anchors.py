@@ -24,6 +24,8 @@ builder; a mapping was checked by reading the library's source, and
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -309,3 +311,17 @@ def check_directions(model: Model) -> None:
         if (count == 1) != parallel or (not parallel and 0 < count < model.dim):
             expected = "1 pass" if parallel else f"at least {model.dim} passes"
             raise AssertionError(f"{model.library} {model.flow} {direction}: expected {expected}, got {count}")
+
+
+def interleaved_median_seconds(calls: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each call, the calls taking turns within every repeat (so load hits all alike)."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -28,7 +28,6 @@ import datetime
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -49,7 +48,7 @@ from torch import Tensor  # noqa: E402
 # The anchors module next to this file, and the checkout itself (works without installing pyro_nf).
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from anchors import FLOWS, LIBRARIES, Model, build, check_directions  # noqa: E402
+from anchors import FLOWS, LIBRARIES, Model, build, check_directions, interleaved_median_seconds  # noqa: E402
 
 from pyro_nf.data.targets import gaussian_mixture_target  # noqa: E402
 from pyro_nf.data.toy import sample_toy  # noqa: E402
@@ -149,20 +148,6 @@ def _train_step(model: Model) -> Callable[[Tensor], None]:
     return step
 
 
-def _interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each call, the libraries taking turns within every repeat."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {lib: [] for lib in calls}
-    for _ in range(repeats):
-        for lib, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[lib].append(time.perf_counter() - start)
-    return {lib: statistics.median(t) for lib, t in times.items()}
-
-
 def run_speed(cfg: Config) -> list[SpeedRow]:
     rows: list[SpeedRow] = []
     generator = torch.Generator().manual_seed(0)
@@ -193,7 +178,7 @@ def run_speed(cfg: Config) -> list[SpeedRow]:
                     # Distinct batches, cycled: a library that caches on tensor identity never sees a stale hit.
                     pool = [torch.randn(n, dim, generator=generator) for _ in range(4)]
                     calls = {lib: _cycling(_train_step(m), pool) for lib, m in models.items()}
-                row = SpeedRow(flow, dim, metric, n, sequential, _interleaved(calls, warmup, repeats))
+                row = SpeedRow(flow, dim, metric, n, sequential, interleaved_median_seconds(calls, warmup, repeats))
                 rows.append(row)
                 log(
                     f"{flow:8s} D={dim:<3d} {metric:10s} n={n:<5d} "

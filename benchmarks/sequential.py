@@ -21,9 +21,7 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -38,7 +36,7 @@ from torch import Tensor, nn  # noqa: E402
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from anchors import Model, build  # noqa: E402
+from anchors import Model, build, interleaved_median_seconds  # noqa: E402
 
 from pyro_nf import FlowModel  # noqa: E402
 from pyro_nf.transforms import iaf, maf  # noqa: E402
@@ -103,20 +101,6 @@ def _train_step(model: Model, data: Tensor) -> Callable[[], object]:
     return step
 
 
-def _median_times(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call; the functions take turns in every repeat."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def measure(dim: int, config: Config) -> dict[str, dict[str, float]]:
     """``results[row][column]``: points/s for throughputs, ms for training steps."""
     models = {(row, flow): make(row, flow, dim, config) for row in ROWS for flow in ("MAF", "IAF")}
@@ -128,7 +112,7 @@ def measure(dim: int, config: Config) -> dict[str, dict[str, float]]:
 
     def throughput(column: str, flow: str, fn: Callable[[Model], Callable[[], object]]) -> None:
         with torch.no_grad():
-            t = _median_times({row: fn(models[row, flow]) for row in ROWS}, config.warmup, config.repeats)
+            t = interleaved_median_seconds({row: fn(models[row, flow]) for row in ROWS}, config.warmup, config.repeats)
         for row in ROWS:
             results[row][column] = config.points / t[row]
 
@@ -138,7 +122,9 @@ def measure(dim: int, config: Config) -> dict[str, dict[str, float]]:
     throughput("IAF log_prob", "IAF", lambda m: lambda: m.log_prob(x.clone()))
     throughput("IAF sample", "IAF", lambda m: lambda: m.sample(config.points))
     for flow in ("IAF", "MAF"):
-        t = _median_times({row: _train_step(models[row, flow], data) for row in ROWS}, config.warmup, config.repeats)
+        t = interleaved_median_seconds(
+            {row: _train_step(models[row, flow], data) for row in ROWS}, config.warmup, config.repeats
+        )
         for row in ROWS:
             results[row][f"{flow} train step"] = 1e3 * t[row]
     return results
