@@ -106,6 +106,12 @@ def check_tensor(
     return value
 
 
+def check_context(context: Tensor, context_dim: int, like: Tensor) -> None:
+    """Validate a context tensor of shape ``(..., context_dim)`` (unless validation is off)."""
+    if _VALIDATE:
+        check_tensor(context, name="context", event_shape=(context_dim,), like=like)
+
+
 def _versions(source: nn.Module | Tensor | None) -> Iterator[object]:
     if source is None:
         return
@@ -337,18 +343,20 @@ class InverseTransformModule(FlowTransformModule):
         return self.base.sign
 
 
-def _fused_forward(part: Transform, x: Tensor) -> tuple[Tensor, Tensor]:
-    if isinstance(part, FlowTransform):
-        return part.forward_and_log_det(x)
-    y = part._call(x)
-    return y, part.log_abs_det_jacobian(x, y)
+def fused_forward(t: Transform, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(t(x), log|det dt/dx|)`` in one pass for a pyro_nf transform, in two calls for any other."""
+    if isinstance(t, FlowTransform):
+        return t.forward_and_log_det(x)
+    y = t._call(x)
+    return y, t.log_abs_det_jacobian(x, y)
 
 
-def _fused_inverse(part: Transform, y: Tensor) -> tuple[Tensor, Tensor]:
-    if isinstance(part, FlowTransform):
-        return part.inverse_and_log_det(y)
-    x = part._inverse(y)
-    return x, part.log_abs_det_jacobian(x, y)
+def fused_inverse(t: Transform, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(t^{-1}(y), log|det dt/dx|)`` in one pass for a pyro_nf transform, in two calls for any other."""
+    if isinstance(t, FlowTransform):
+        return t.inverse_and_log_det(y)
+    x = t._inverse(y)
+    return x, t.log_abs_det_jacobian(x, y)
 
 
 def _sum_event(log_det: Tensor, extra_dims: int) -> Tensor:
@@ -407,7 +415,7 @@ class FlowStack(FlowTransformModule):
         event_dim = self.domain.event_dim
         total: Tensor | int = 0
         for part in self.parts:
-            x, log_det = _fused_forward(part, x)
+            x, log_det = fused_forward(part, x)
             total = total + _sum_event(log_det, event_dim - part.domain.event_dim)
         if isinstance(total, int):
             total = x.new_zeros(x.shape[: x.dim() - event_dim])
@@ -417,7 +425,7 @@ class FlowStack(FlowTransformModule):
         event_dim = self.domain.event_dim
         total: Tensor | int = 0
         for part in reversed(self.parts):
-            y, log_det = _fused_inverse(part, y)
+            y, log_det = fused_inverse(part, y)
             total = total + _sum_event(log_det, event_dim - part.domain.event_dim)
         if isinstance(total, int):
             total = y.new_zeros(y.shape[: y.dim() - event_dim])

@@ -17,24 +17,9 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_nf.core import FlowTransform, check_tensor, validation_enabled
-from pyro_nf.transforms.autoregressive import check_context
+from pyro_nf.core import check_context, check_tensor, fused_forward, fused_inverse, validation_enabled
 
 _Shape = Sequence[int] | torch.Size
-
-
-def _fused_inverse(flow: Transform, x: Tensor) -> tuple[Tensor, Tensor]:
-    if isinstance(flow, FlowTransform):
-        return flow.inverse_and_log_det(x)
-    z = flow.inv(x)
-    return z, flow.log_abs_det_jacobian(z, x)
-
-
-def _fused_forward(flow: Transform, z: Tensor) -> tuple[Tensor, Tensor]:
-    if isinstance(flow, FlowTransform):
-        return flow.forward_and_log_det(z)
-    x = flow(z)
-    return x, flow.log_abs_det_jacobian(z, x)
 
 
 class _FlowDensity:
@@ -50,24 +35,24 @@ class _FlowDensity:
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x)`` for data of shape ``batch_shape + event_shape``."""
         self._check(x)
-        z, log_det = _fused_inverse(self.flow, x)
+        z, log_det = fused_inverse(self.flow, x)
         return self._base().log_prob(z) - log_det
 
     def rsample(self, sample_shape: _Shape = ()) -> Tensor:
         """Reparameterized samples of shape ``sample_shape + batch_shape + event_shape``."""
-        return _fused_forward(self.flow, self._base().rsample(torch.Size(sample_shape)))[0]
+        return fused_forward(self.flow, self._base().rsample(torch.Size(sample_shape)))[0]
 
     def sample(self, sample_shape: _Shape = (), temperature: float = 1.0) -> Tensor:
         """Samples without gradients; ``temperature`` scales the base noise."""
         with torch.no_grad():
             z = self._base().sample(torch.Size(sample_shape)) * temperature
-            return _fused_forward(self.flow, z)[0]
+            return fused_forward(self.flow, z)[0]
 
     def sample_and_log_prob(self, sample_shape: _Shape = ()) -> tuple[Tensor, Tensor]:
         """Reparameterized samples and their ``log p``, in one pass."""
         base = self._base()
         z = base.rsample(torch.Size(sample_shape))
-        x, log_det = _fused_forward(self.flow, z)
+        x, log_det = fused_forward(self.flow, z)
         return x, base.log_prob(z) - log_det
 
     @property

@@ -38,8 +38,7 @@ from pyro_nf.core import (
     FlowStack,
     FlowTransform,
     FlowTransformModule,
-    check_tensor,
-    validation_enabled,
+    check_context,
 )
 from pyro_nf.nn.made import MADE, Order, SequentialMethod, check_sequential_method
 from pyro_nf.transforms.affine import Scale, check_scale, shift_and_log_scale
@@ -188,12 +187,6 @@ class ConditionalAffineAutoregressive(ConditionalTransformModule):
         return ConditionedAffineAutoregressive(
             self.made, self.parallel, context, self.scale, self.log_scale_bound, sequential=self.sequential
         )
-
-
-def check_context(context: Tensor, context_dim: int, like: Tensor) -> None:
-    """Validate a context tensor of shape ``(..., context_dim)`` (unless validation is off)."""
-    if validation_enabled():
-        check_tensor(context, name="context", event_shape=(context_dim,), like=like)
 
 
 def default_hidden_dims(input_dim: int) -> list[int]:

@@ -55,9 +55,8 @@ from pyro.distributions import ConditionalTransformModule
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from pyro_nf.core import FlowTransform, FlowTransformModule
+from pyro_nf.core import FlowTransform, FlowTransformModule, check_context
 from pyro_nf.nn.odefunc import NOISES, TRACES, Activation, AugmentedDynamics, Noise, ODENet, Trace, sample_noise
-from pyro_nf.transforms.autoregressive import check_context
 
 ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_GRID_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun3", "rk4")

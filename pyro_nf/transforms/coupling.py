@@ -26,10 +26,10 @@ import torch
 from pyro.distributions import ConditionalTransformModule
 from torch import Tensor, nn
 
-from pyro_nf.core import ConditionalFlowStack, FlowStack, FlowTransform, FlowTransformModule
+from pyro_nf.core import ConditionalFlowStack, FlowStack, FlowTransform, FlowTransformModule, check_context
 from pyro_nf.nn.nets import MLP
 from pyro_nf.transforms.affine import Scale, check_scale, shift_and_log_scale
-from pyro_nf.transforms.autoregressive import _check_counts, check_context, default_hidden_dims
+from pyro_nf.transforms.autoregressive import _check_counts, default_hidden_dims
 from pyro_nf.transforms.normalization import BatchNorm
 
 Mask = Literal["half", "alternate"]
