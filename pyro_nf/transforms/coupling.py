@@ -70,6 +70,47 @@ def contiguous_split(kept: Tensor) -> tuple[bool, int] | None:
     return None
 
 
+class CouplingSplit(nn.Module):
+    """Which entries of a vector a coupling layer keeps, worked out once from its boolean mask.
+
+    The index buffers follow ``.to(device)`` and ``state_dict``; a contiguous split uses slices.
+
+    Example::
+
+        >>> split = CouplingSplit(coupling_mask(5, 0))
+        >>> kept, moved = split.split(torch.arange(5.0))
+        >>> kept.tolist(), moved.tolist(), split.join(kept, moved).tolist()
+        ([0.0, 1.0], [2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0, 4.0])
+    """
+
+    kept_index: Tensor
+    moved_index: Tensor
+    restore_index: Tensor
+
+    def __init__(self, kept: Tensor) -> None:
+        super().__init__()
+        for name, index in zip(("kept_index", "moved_index", "restore_index"), split_indices(kept)):
+            self.register_buffer(name, index)
+        self.input_dim = kept.numel()
+        self.block = contiguous_split(kept)
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_kept, x_moved)``."""
+        block = self.block
+        if block is None:
+            return x.index_select(-1, self.kept_index), x.index_select(-1, self.moved_index)
+        cut = block[1] if block[0] else x.shape[-1] - block[1]
+        first, last = x[..., :cut], x[..., cut:]
+        return (first, last) if block[0] else (last, first)
+
+    def join(self, y_kept: Tensor, y_moved: Tensor) -> Tensor:
+        """The inverse of :meth:`split`."""
+        block = self.block
+        if block is None:
+            return torch.cat([y_kept, y_moved], -1).index_select(-1, self.restore_index)
+        return torch.cat([y_kept, y_moved] if block[0] else [y_moved, y_kept], -1)
+
+
 class ConditionedAffineCoupling(FlowTransform):
     """The math of an affine coupling layer, given its network, split and an optional context."""
 
@@ -78,7 +119,7 @@ class ConditionedAffineCoupling(FlowTransform):
     def __init__(
         self,
         net: nn.Module,
-        kept: Tensor,
+        split: CouplingSplit,
         context: Tensor | None = None,
         scale: Scale = "softclamp",
         log_scale_bound: float = 3.0,
@@ -87,35 +128,22 @@ class ConditionedAffineCoupling(FlowTransform):
         super().__init__(cache_size=cache_size)
         check_scale(scale, log_scale_bound)
         self.net = net
+        self.split = split
         self.context = context
         self.scale = scale
         self.log_scale_bound = log_scale_bound
-        self.input_shape = (kept.numel(),)
-        self._set_split(kept)
-
-    def _set_split(self, kept: Tensor) -> None:
-        self.kept_index, self.moved_index, self.restore_index = split_indices(kept)
-        self.block = contiguous_split(kept)
+        self.input_shape = (split.input_dim,)
 
     def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
         return (self.net, self.context)
 
     def _couple(self, x: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
-        block = self.block
-        if block is None:
-            x_a = x.index_select(-1, self.kept_index)
-            x_b = x.index_select(-1, self.moved_index)
-        elif block[0]:
-            x_a, x_b = x[..., : block[1]], x[..., block[1] :]
-        else:
-            x_b, x_a = x[..., : x.shape[-1] - block[1]], x[..., x.shape[-1] - block[1] :]
+        x_a, x_b = self.split.split(x)
         a, b = self.net(x_a, self.context).chunk(2, dim=-1)
         mu, alpha = shift_and_log_scale(a, b, self.scale, self.log_scale_bound)
         y_b = x_b * alpha.exp() + mu if forward else (x_b - mu) * (-alpha).exp()
         y_a = x_a.expand(*y_b.shape[:-1], x_a.shape[-1])
-        if block is None:
-            return torch.cat([y_a, y_b], -1).index_select(-1, self.restore_index), alpha.sum(-1)
-        return torch.cat([y_a, y_b] if block[0] else [y_b, y_a], -1), alpha.sum(-1)
+        return self.split.join(y_a, y_b), alpha.sum(-1)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._couple(x, forward=True)
@@ -125,7 +153,7 @@ class ConditionedAffineCoupling(FlowTransform):
 
 
 class AffineCoupling(ConditionedAffineCoupling, FlowTransformModule):
-    """A learnable affine coupling layer; the split indices are buffers.
+    """A learnable affine coupling layer keeping the entries where ``kept`` is True.
 
     Example::
 
@@ -143,12 +171,7 @@ class AffineCoupling(ConditionedAffineCoupling, FlowTransformModule):
         log_scale_bound: float = 3.0,
         cache_size: int = 1,
     ) -> None:
-        super().__init__(net, kept, None, scale, log_scale_bound, cache_size)
-
-    def _set_split(self, kept: Tensor) -> None:
-        for name, index in zip(("kept_index", "moved_index", "restore_index"), split_indices(kept)):
-            self.register_buffer(name, index)
-        self.block = contiguous_split(kept)
+        super().__init__(net, CouplingSplit(kept), None, scale, log_scale_bound, cache_size)
 
 
 class ConditionalAffineCoupling(ConditionalTransformModule):
@@ -160,11 +183,11 @@ class ConditionalAffineCoupling(ConditionalTransformModule):
         self.net = net
         self.scale = scale
         self.log_scale_bound = log_scale_bound
-        self.register_buffer("kept", kept)
+        self.split = CouplingSplit(kept)
 
     def condition(self, context: Tensor) -> ConditionedAffineCoupling:
         check_context(context, self.net.context_dim, self.net.output_layer.weight)
-        return ConditionedAffineCoupling(self.net, self.kept, context, self.scale, self.log_scale_bound)
+        return ConditionedAffineCoupling(self.net, self.split, context, self.scale, self.log_scale_bound)
 
 
 def _coupling_stack(
