@@ -28,8 +28,8 @@ CONTEXT_DIM = 3
 def affine_solve(forward: bool, scale: str = "softclamp"):
     """The solve step of an affine MAF (``forward``) or IAF layer, as the transforms use it."""
 
-    def solve(g: Tensor, params: Tensor) -> Tensor:
-        mu, alpha = shift_and_log_scale(*params.unbind(1), scale, 3.0)  # type: ignore[arg-type]
+    def solve(g: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        mu, alpha = shift_and_log_scale(a, b, scale, 3.0)  # type: ignore[arg-type]
         return g * alpha.exp() + mu if forward else (g - mu) * (-alpha).exp()
 
     return solve
@@ -79,16 +79,23 @@ def test_same_numbers_as_reference(options: dict, hidden: list[int], dim: int, d
         assert rel_err(params, params_ref) <= TOL[dtype]
         # and it is the solution: the parallel pass at x gives back params and x
         assert rel_err(made(x, None if context is None else context.expand(2, 5, -1)), params) <= TOL[dtype]
-        assert rel_err(solve(given.reshape(-1, dim), params.reshape(-1, 2, dim)).reshape(x.shape), x) <= TOL[dtype]
+        assert (
+            rel_err(solve(given.reshape(-1, dim), *params.reshape(-1, 2, dim).unbind(1)).reshape(x.shape), x)
+            <= TOL[dtype]
+        )
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["recorded", "no_grad"])
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 10, 11, 50])
-def test_every_chunk_size(chunk: int):
+def test_every_chunk_size(chunk: int, grad: bool):
+    # with autograd recording the blocks are joined out of place, without it copied into buffers
     made = make_made(10, [40, 40], torch.float64, order="random", residual=True)
     given = torch.randn(4, 10, dtype=torch.float64)
     solve = affine_solve(True)
-    x_ref, p_ref = made.sequential(given, solve, method="reference")
-    x, p = made.sequential(given, solve, chunk=chunk)
+    with torch.set_grad_enabled(grad):
+        x_ref, p_ref = made.sequential(given, solve, method="reference")
+        x, p = made.sequential(given, solve, chunk=chunk)
+    assert x.requires_grad == p.requires_grad == grad
     assert rel_err(x, x_ref) <= 1e-10 and rel_err(p, p_ref) <= 1e-10
 
 

@@ -48,6 +48,47 @@ class _Structure(NamedTuple):
     bounds: list[list[int]]  # bounds[l][k]: units of degree < k in hidden layer l (k = 0..D)
 
 
+class _Rows:
+    """The rows (units or positions, each a row of ``n`` values) known so far in one layer.
+
+    With autograd recording, blocks are joined out of place: those of the current chunk
+    into one tensor, and the chunk into the known prefix when it ends (:meth:`flush`), so a
+    step copies ``O(G)`` rows, not the whole prefix. Without autograd (sampling, evaluation)
+    every block is copied once into a preallocated buffer (:class:`_BufferRows`).
+    """
+
+    def __init__(self, total: int, like: Tensor) -> None:
+        self.known = self.chunk = like.new_zeros(0, like.shape[1])
+
+    def append(self, block: Tensor) -> None:
+        self.chunk = torch.cat((self.chunk, block))
+
+    def flush(self) -> None:
+        self.known = torch.cat((self.known, self.chunk))
+        self.chunk = self.known[:0]
+
+    def rows(self, lo: int, hi: int) -> Tensor:
+        """Rows ``lo:hi``, which lie in the known prefix or in the current chunk."""
+        offset = self.known.shape[0]
+        return self.known[lo:hi] if hi <= offset else self.chunk[lo - offset : hi - offset]
+
+
+class _BufferRows(_Rows):
+    def __init__(self, total: int, like: Tensor) -> None:
+        self.buffer = like.new_empty(total, like.shape[1])
+        self.count = 0
+
+    def append(self, block: Tensor) -> None:
+        self.buffer[self.count : self.count + block.shape[0]].copy_(block)
+        self.count += block.shape[0]
+
+    def flush(self) -> None:
+        pass
+
+    def rows(self, lo: int, hi: int) -> Tensor:
+        return self.buffer[lo:hi]
+
+
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 mask (a buffer)."""
 
@@ -175,7 +216,7 @@ class MADE(nn.Module):
     def sequential(
         self,
         given: Tensor,
-        solve: Callable[[Tensor, Tensor], Tensor],
+        solve: Callable[..., Tensor],
         context: Tensor | None = None,
         method: SequentialMethod = "incremental",
         chunk: int | None = None,
@@ -214,8 +255,9 @@ class MADE(nn.Module):
         Args:
             given: ``(..., D)``, the known side (base noise for MAF sampling, data
                 for IAF density).
-            solve: maps ``(given_cols, params)`` of shapes ``(N, n)`` and
-                ``(N, P, n)`` to the solved ``x`` columns ``(N, n)``; element-wise.
+            solve: ``solve(given, *params)`` maps the known side and the ``P`` parameters
+                of the same positions (``P + 1`` tensors of one shape) to the solved ``x``
+                there; element-wise.
             context: the context (its batch shape broadcasts against ``given``'s)
                 or None.
             method: ``"incremental"`` or ``"reference"``.
@@ -230,7 +272,7 @@ class MADE(nn.Module):
 
             >>> made = MADE(4, [32, 32], num_params=1, zero_init_output=False)
             >>> given = torch.randn(6, 4)
-            >>> x, params = made.sequential(given, lambda g, p: g - p[:, 0])
+            >>> x, params = made.sequential(given, lambda g, p: g - p)
             >>> torch.allclose(x, given - made(x), atol=1e-6)
             True
         """
@@ -247,7 +289,7 @@ class MADE(nn.Module):
         return self._sequential_incremental(given, solve, context, chunk)
 
     def _sequential_reference(
-        self, given: Tensor, solve: Callable[[Tensor, Tensor], Tensor], context: Tensor | None
+        self, given: Tensor, solve: Callable[..., Tensor], context: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         shape = given.shape
         flat = given.reshape(-1, self.input_dim)
@@ -256,7 +298,7 @@ class MADE(nn.Module):
         ctx = None if context is None else context.expand(*shape[:-1], -1).reshape(flat.shape[0], -1)
         for _ in range(self.input_dim):
             params = self(x, ctx)
-            x = solve(flat, params.view(-1, self.num_params, self.input_dim))
+            x = solve(flat, *params.view(-1, self.num_params, self.input_dim).unbind(1))
         return x.reshape(shape), params.reshape(*shape[:-1], -1)
 
     def _structure(self) -> _Structure:
@@ -285,7 +327,7 @@ class MADE(nn.Module):
         return structure
 
     def _sequential_incremental(
-        self, given: Tensor, solve: Callable[[Tensor, Tensor], Tensor], context: Tensor | None, chunk: int | None
+        self, given: Tensor, solve: Callable[..., Tensor], context: Tensor | None, chunk: int | None
     ) -> tuple[Tensor, Tensor]:
         # Step k = 0..D: (a) for k >= 1, the outputs of position k (they read the last layer's
         # units of degree < k) and x at position k; (b) for k < D, the units of degree k in
@@ -311,41 +353,45 @@ class MADE(nn.Module):
             per_degree = [b[k + 1] - b[k] for k in range(D)]
             return per_chunk, per_degree
 
-        # Weights as (source, target) matrices, rows in the order, split by target chunk and by
-        # target degree (one autograd node per split, so the gradients accumulate in one piece).
-        base: Tensor = self.input_layer.bias
+        # Everything is kept feature-major, (features, n): a block of units is then a block of
+        # contiguous rows, so growing the known prefix is a plain copy, and each matmul reads
+        # rows of (target, source) weight slices. Weights are split by target chunk and by target
+        # degree (one autograd node per split, so the gradients accumulate in one piece).
+        base: Tensor = self.input_layer.bias.unsqueeze(-1)
         if self.context_layer is not None and context is not None:
-            base = (base + self.context_layer(context)).expand(*shape[:-1], -1).reshape(n, -1)
-        weights = [self.input_layer.weight.index_select(1, s.order).t()]
+            base = (self.input_layer.bias + self.context_layer(context)).expand(*shape[:-1], -1).reshape(n, -1).t()
+        weights = [self.input_layer.weight.index_select(1, s.order)]
         biases = [base]
         hidden_layers: list[MaskedLinear] = list(self.hidden_layers)  # type: ignore[arg-type]
-        weights += [layer.weight.t() for layer in hidden_layers]
-        biases += [layer.bias for layer in hidden_layers]
+        weights += [layer.weight for layer in hidden_layers]
+        biases += [layer.bias.unsqueeze(-1) for layer in hidden_layers]
         w_chunk, w_step, b_chunk = [], [], []
         for i in range(num_layers):
             per_chunk, per_degree = hidden_sizes(bounds[i])
-            w_chunk.append(weights[i].split(per_chunk, dim=1))
-            w_step.append(weights[i].split(per_degree, dim=1))
-            b_chunk.append(biases[i].split(per_chunk, dim=-1))
+            w_chunk.append(weights[i].split(per_chunk))
+            w_step.append(weights[i].split(per_degree))
+            b_chunk.append(biases[i].split(per_chunk))
         out_chunk_sizes = [P * (min(c + G, D + 1) - max(c, 1)) for c in starts]
-        w_out = self.output_layer.weight.view(P, D, -1).index_select(1, s.order).permute(2, 1, 0).reshape(-1, D * P)
-        b_out = self.output_layer.bias.view(P, D).index_select(1, s.order).t().reshape(D * P)
-        wo_chunk = w_out.split(out_chunk_sizes, dim=1)
-        wo_step = w_out.split(P, dim=1)
+        # output rows in the order, position-major: row j * P + p is parameter p of position j
+        w_out = self.output_layer.weight.view(P, D, -1).index_select(1, s.order).transpose(0, 1).reshape(D * P, -1)
+        b_out = self.output_layer.bias.view(P, D).index_select(1, s.order).t().reshape(D * P, 1)
+        wo_chunk = w_out.split(out_chunk_sizes)
+        wo_step = w_out.split(P)
         bo_chunk = b_out.split(out_chunk_sizes)
-        cols = flat.index_select(1, s.order).split(1, dim=1)
+        rows = flat.t().index_select(0, s.order).split(1)  # the given side, one (1, n) row per position
 
         acts = [act.forward for act in self.activations]
-        empty = flat.new_zeros(n, 0)
-        x_known = empty  # positions < c
-        known = [empty] * num_layers  # activations of the units of degree < c, per layer
-        xs: list[Tensor] = []
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (flat, base, w_out, *weights, *biases))
+        store = _Rows if recording else _BufferRows
+        x_rows = store(D, rows[0])  # the solution, positions in the order
+        units = [store(w, rows[0]) for w in self.hidden_dims]  # activations, units in degree order
         outs: list[Tensor] = []
         for ci, c in enumerate(starts):
             # the chunk's parts from the known sources, split per position / per degree block
             # (split rather than slices: one autograd node each)
             end = min(c + G, D)
-            out_part = torch.addmm(bo_chunk[ci], known[-1], wo_chunk[ci][: bounds[-1][min(c, D)]]).split(P, dim=1)
+            known_out = bounds[-1][min(c, D)]
+            out_part = torch.addmm(bo_chunk[ci], wo_chunk[ci][:, :known_out], units[-1].rows(0, known_out)).split(P)
             x0 = max(c - 1, 0)
             parts: list[Sequence[Tensor]] = []
             for i in range(num_layers):
@@ -353,40 +399,39 @@ class MADE(nn.Module):
                 if c >= D or b[end] == b[c]:
                     parts.append([])
                     continue
-                src, rows = (x_known, x0) if i == 0 else (known[i - 1], bounds[i - 1][c])
-                part = torch.addmm(b_chunk[i][ci], src, w_chunk[i][ci][:rows])
-                parts.append(part.split([b[k + 1] - b[k] for k in range(c, end)], dim=1))
-            chunk_x = empty
-            chunk_act = [empty] * num_layers
+                cols = x0 if i == 0 else bounds[i - 1][c]
+                src = x_rows.rows(0, cols) if i == 0 else units[i - 1].rows(0, cols)
+                part = torch.addmm(b_chunk[i][ci], w_chunk[i][ci][:, :cols], src)
+                parts.append(part.split([b[k + 1] - b[k] for k in range(c, end)]))
             for k in range(c, min(c + G, D + 1)):
                 if k > 0:
                     out = out_part[k - max(c, 1)]
                     lo = bounds[-1][c]
                     if k - 1 >= c and bounds[-1][k] > lo:
-                        out = torch.addmm(out, chunk_act[-1], wo_step[k - 1][lo : bounds[-1][k]])
-                    x_k = solve(cols[k - 1], out.unsqueeze(-1))
+                        out = torch.addmm(out, wo_step[k - 1][:, lo : bounds[-1][k]], units[-1].rows(lo, bounds[-1][k]))
                     outs.append(out)
-                    xs.append(x_k)
-                    chunk_x = torch.cat((chunk_x, x_k), dim=1)
+                    x_rows.append(solve(rows[k - 1], *out.split(1)))
                 if k == D:
                     break
-                h = empty
+                h = rows[0]
                 for i in range(num_layers):
                     b = bounds[i]
                     if b[k + 1] == b[k]:
                         continue  # no units of degree k in this layer
                     h_new = parts[i][k - c]
                     if i == 0:
-                        src, w = chunk_x, w_step[0][k][x0:k]
+                        w, src = w_step[0][k][:, x0:k], x_rows.rows(x0, k)
                     else:
-                        src, w = chunk_act[i - 1], w_step[i][k][bounds[i - 1][c] : bounds[i - 1][k + 1]]
-                    if src.shape[1]:
-                        h_new = torch.addmm(h_new, src, w)
+                        lo, hi = bounds[i - 1][c], bounds[i - 1][k + 1]
+                        w, src = w_step[i][k][:, lo:hi], units[i - 1].rows(lo, hi)
+                    if src.shape[0]:
+                        h_new = torch.addmm(h_new, w, src)
                     h = h + h_new if self.residual and i > 0 else h_new
-                    chunk_act[i] = torch.cat((chunk_act[i], acts[i](h)), dim=1)
-            x_known = torch.cat((x_known, chunk_x), dim=1)
-            known = [torch.cat((a, b), dim=1) for a, b in zip(known, chunk_act)]
+                    units[i].append(acts[i](h))
+            x_rows.flush()
+            for u in units:
+                u.flush()
 
-        x = torch.cat(xs, dim=1).index_select(1, s.inverse).reshape(shape)
-        params = torch.stack(outs, dim=2).index_select(2, s.inverse).reshape(*shape[:-1], P * D)
+        x = x_rows.rows(0, D).index_select(0, s.inverse).t().reshape(shape)
+        params = torch.stack(outs).index_select(0, s.inverse).permute(2, 1, 0).reshape(*shape[:-1], P * D)
         return x, params

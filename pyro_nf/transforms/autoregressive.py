@@ -126,8 +126,7 @@ class ConditionedAffineAutoregressive(FlowTransform):
         """
         scale, bound = self.scale, self.log_scale_bound
 
-        def solve(g: Tensor, params: Tensor) -> Tensor:
-            raw_shift, raw_scale = params.unbind(1)
+        def solve(g: Tensor, raw_shift: Tensor, raw_scale: Tensor) -> Tensor:
             mu, alpha = shift_and_log_scale(raw_shift, raw_scale, scale, bound)
             return g * alpha.exp() + mu if forward else (g - mu) * (-alpha).exp()
 
