@@ -70,7 +70,8 @@ class _Rows:
     def rows(self, lo: int, hi: int) -> Tensor:
         """Rows ``lo:hi``, which lie in the known prefix or in the current chunk."""
         offset = self.known.shape[0]
-        return self.known[lo:hi] if hi <= offset else self.chunk[lo - offset : hi - offset]
+        part, lo, hi = (self.known, lo, hi) if hi <= offset else (self.chunk, lo - offset, hi - offset)
+        return part if lo == 0 and hi == part.shape[0] else part[lo:hi]  # no slice node for a whole part
 
 
 class _BufferRows(_Rows):
