@@ -238,10 +238,10 @@ def _pyro(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) 
             transforms.append(layer.inv if flow == "MAF" else layer)
     if flow == "MAF":
         transforms.reverse()  # the inverse of a stack runs its layers in reverse order
-    base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
 
     def distribution() -> dist.TransformedDistribution:
-        return dist.TransformedDistribution(base, transforms)
+        zeros = next(modules.parameters()).new_zeros(dim)  # the base follows the modules' device and dtype
+        return dist.TransformedDistribution(dist.Normal(zeros, 1.0).to_event(1), transforms)
 
     return Model(
         "pyro",
@@ -266,14 +266,17 @@ def build(
     hidden_dims: Sequence[int] = (256, 256),
     num_transforms: int = 5,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> Model:
-    """Build ``flow`` (``"MAF"``, ``"IAF"`` or ``"RealNVP"``) over ``dim`` inputs in ``library``."""
+    """Build ``flow`` (``"MAF"``, ``"IAF"`` or ``"RealNVP"``) over ``dim`` inputs in ``library``, on ``device``."""
     if library not in _BUILDERS:
         raise ValueError(f"library: expected one of {LIBRARIES}, got {library!r}")
     if flow not in FLOWS:
         raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
     torch.manual_seed(seed)
-    return _BUILDERS[library](flow, dim, tuple(hidden_dims), num_transforms)
+    model = _BUILDERS[library](flow, dim, tuple(hidden_dims), num_transforms)
+    model.module.to(device)
+    return model
 
 
 def _count_linear_calls(module: nn.Module, fn: Callable[[], object]) -> int:

@@ -12,6 +12,10 @@ repeats is reported. 5 layers, MADE hidden widths [256, 256], D = 8 and 64, 2 th
 Rows: pyro_nf with ``sequential="incremental"`` (the default), pyro_nf with ``sequential="reference"``
 (``D`` MADE passes), zuko, nflows, normflows and Pyro's built-ins (built by ``benchmarks/anchors.py``).
 
+With ``--device cuda`` everything runs on the GPU (timed calls end with a synchronisation) and one
+more row is added: pyro_nf incremental with each call recorded once in a CUDA graph and replayed
+(:mod:`pyro_nf.graphs`), which removes the launch overhead of the ``D`` small steps.
+
 ``--smoke-test`` runs every row at tiny sizes (a few seconds) and writes nothing unless ``--output``.
 """
 
@@ -45,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "families" / "fast-sequential.md"
 START, END = "<!-- sequential-benchmark:start -->", "<!-- sequential-benchmark:end -->"
 ROWS = ("pyro_nf incremental", "pyro_nf reference", "zuko", "nflows", "normflows", "pyro")
+GRAPHED = "pyro_nf incremental, CUDA graph"
 COLUMNS = ("MAF sample", "MAF log_prob", "IAF log_prob", "IAF sample", "IAF train step", "MAF train step")
 
 
@@ -60,6 +65,7 @@ class Config:
     warmup: int = 1
     repeats: int = 5
     threads: int = 2
+    device: str = "cpu"
 
 
 SMOKE = Config(dims=(4,), hidden_dims=(16, 16), num_transforms=2, points=64, batch=32, warmup=1, repeats=1)
@@ -74,11 +80,20 @@ def _pyro_nf(flow: str, dim: int, config: Config, sequential: str) -> Model:
 
 
 def make(row: str, flow: str, dim: int, config: Config) -> Model:
-    """The model of one row of the table."""
+    """The model of one row of the table, on the configured device."""
     torch.manual_seed(0)
     if row.startswith("pyro_nf"):
-        return _pyro_nf(flow, dim, config, row.split()[1])
-    return build(row, flow, dim, hidden_dims=config.hidden_dims, num_transforms=config.num_transforms)
+        model = _pyro_nf(flow, dim, config, row.split()[1].rstrip(","))
+        model.module.to(config.device)
+        return model
+    return build(
+        row, flow, dim, hidden_dims=config.hidden_dims, num_transforms=config.num_transforms, device=config.device
+    )
+
+
+def rows(config: Config) -> tuple[str, ...]:
+    """The rows measured on the configured device."""
+    return ROWS + ((GRAPHED,) if config.device.startswith("cuda") else ())
 
 
 def _perturb(module: nn.Module) -> None:
@@ -86,34 +101,69 @@ def _perturb(module: nn.Module) -> None:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.01)
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) * 0.01)
 
 
-def _train_step(model: Model, data: Tensor) -> Callable[[], object]:
+def _synchronized(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """``fn`` followed by a wait for the GPU, so that a timer around it measures the work."""
+    if not device.startswith("cuda"):
+        return fn
+
+    def call() -> object:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return call
+
+
+def _train_step(model: Model, data: Tensor, graphed: bool = False) -> Callable[[], object]:
     optimizer = torch.optim.Adam(model.module.parameters(), lr=1e-4)
+    log_prob = model.log_prob
+    if graphed:
+        from pyro_nf.graphs import capture_module
+
+        log_prob = capture_module(model.module, data)
 
     def step() -> None:
-        optimizer.zero_grad()
-        loss = -model.log_prob(data.clone()).mean()  # a fresh tensor: Pyro's caches keep graphs by identity
+        optimizer.zero_grad(set_to_none=not graphed)
+        loss = -log_prob(data.clone()).mean()  # a fresh tensor: Pyro's caches keep graphs by identity
         loss.backward()
         optimizer.step()
 
     return step
 
 
+def _graphed_calls(model: Model, x: Tensor, points: int) -> dict[str, Callable[[], object]]:
+    """The no-gradient calls of one pyro_nf model, each recorded once in a CUDA graph."""
+    from pyro_nf.graphs import capture
+
+    sample = capture(lambda: model.sample(points), device=x.device, copy_outputs=False)
+    log_prob = capture(model.log_prob, x, copy_outputs=False)
+    return {"sample": sample, "log_prob": lambda: log_prob(x)}
+
+
 def measure(dim: int, config: Config) -> dict[str, dict[str, float]]:
     """``results[row][column]``: points/s for throughputs, ms for training steps."""
-    models = {(row, flow): make(row, flow, dim, config) for row in ROWS for flow in ("MAF", "IAF")}
+    names = rows(config)
+    models = {(row, flow): make(row, flow, dim, config) for row in names for flow in ("MAF", "IAF")}
     for m in models.values():
         _perturb(m.module)
-    x = torch.randn(config.points, dim)
-    data = torch.randn(config.batch, dim)
-    results: dict[str, dict[str, float]] = {row: {} for row in ROWS}
+    x = torch.randn(config.points, dim, device=config.device)
+    data = torch.randn(config.batch, dim, device=config.device)
+    graphed = {
+        flow: _graphed_calls(models[GRAPHED, flow], x, config.points) for flow in ("MAF", "IAF") if GRAPHED in names
+    }
+    results: dict[str, dict[str, float]] = {row: {} for row in names}
 
     def throughput(column: str, flow: str, fn: Callable[[Model], Callable[[], object]]) -> None:
+        calls = {row: fn(models[row, flow]) for row in ROWS}
+        if GRAPHED in names:
+            calls[GRAPHED] = graphed[flow][column.split()[1]]
+        calls = {row: _synchronized(call, config.device) for row, call in calls.items()}
         with torch.no_grad():
-            t = interleaved_median_seconds({row: fn(models[row, flow]) for row in ROWS}, config.warmup, config.repeats)
-        for row in ROWS:
+            t = interleaved_median_seconds(calls, config.warmup, config.repeats)
+        for row in names:
             results[row][column] = config.points / t[row]
 
     throughput("MAF sample", "MAF", lambda m: lambda: m.sample(config.points))
@@ -122,10 +172,10 @@ def measure(dim: int, config: Config) -> dict[str, dict[str, float]]:
     throughput("IAF log_prob", "IAF", lambda m: lambda: m.log_prob(x.clone()))
     throughput("IAF sample", "IAF", lambda m: lambda: m.sample(config.points))
     for flow in ("IAF", "MAF"):
-        t = interleaved_median_seconds(
-            {row: _train_step(models[row, flow], data) for row in ROWS}, config.warmup, config.repeats
-        )
-        for row in ROWS:
+        steps = {row: _train_step(models[row, flow], data, graphed=row == GRAPHED) for row in names}
+        steps = {row: _synchronized(step, config.device) for row, step in steps.items()}
+        t = interleaved_median_seconds(steps, config.warmup, config.repeats)
+        for row in names:
             results[row][f"{flow} train step"] = 1e3 * t[row]
     return results
 
@@ -139,22 +189,36 @@ def _fmt(column: str, value: float) -> str:
 def table(dim: int, results: dict[str, dict[str, float]]) -> str:
     """A markdown table of one dimension's results."""
     lines = [f"| D = {dim} | " + " | ".join(COLUMNS) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
-    for row in ROWS:
+    for row in results:
         lines.append(f"| {row} | " + " | ".join(_fmt(c, results[row][c]) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 
 def ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """The target ratios: speed-ups over the fastest anchor, and slowdowns against the parallel direction."""
-    ours, anchors = results["pyro_nf incremental"], [results[row] for row in ROWS[2:]]
-    return {
-        "MAF sampling / fastest anchor's": ours["MAF sample"] / max(a["MAF sample"] for a in anchors),
-        "MAF log_prob / MAF sampling": ours["MAF log_prob"] / ours["MAF sample"],
-        "IAF density / fastest anchor's": ours["IAF log_prob"] / max(a["IAF log_prob"] for a in anchors),
-        "IAF sampling / IAF density": ours["IAF sample"] / ours["IAF log_prob"],
-        "IAF train step / MAF train step": ours["IAF train step"] / ours["MAF train step"],
-        "incremental / reference, MAF sampling": ours["MAF sample"] / results["pyro_nf reference"]["MAF sample"],
-    }
+    anchors = [results[row] for row in ROWS[2:]]
+    out = {}
+    for row in ("pyro_nf incremental", GRAPHED):
+        if row not in results:
+            continue
+        ours = results[row]
+        tag = "" if row == "pyro_nf incremental" else " (CUDA graph)"
+        out |= {
+            f"MAF sampling / fastest anchor's{tag}": ours["MAF sample"] / max(a["MAF sample"] for a in anchors),
+            f"MAF log_prob / MAF sampling{tag}": ours["MAF log_prob"] / ours["MAF sample"],
+            f"IAF density / fastest anchor's{tag}": ours["IAF log_prob"] / max(a["IAF log_prob"] for a in anchors),
+            f"IAF sampling / IAF density{tag}": ours["IAF sample"] / ours["IAF log_prob"],
+            f"IAF train step / MAF train step{tag}": ours["IAF train step"] / ours["MAF train step"],
+        }
+    ours = results["pyro_nf incremental"]
+    out["incremental / reference, MAF sampling"] = ours["MAF sample"] / results["pyro_nf reference"]["MAF sample"]
+    return out
+
+
+def _machine(config: Config) -> str:
+    if config.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(config.device))} (torch {torch.__version__}), float32"
+    return f"{platform.machine()} CPU ({os.cpu_count()} cores), torch.set_num_threads({config.threads}); no GPU"
 
 
 def report(config: Config, all_results: dict[int, dict[str, dict[str, float]]], command: str) -> str:
@@ -163,8 +227,7 @@ def report(config: Config, all_results: dict[int, dict[str, dict[str, float]]], 
     parts = [
         f"Command: `{command}`  ",
         f"Date: {datetime.date.today().isoformat()}; Python {platform.python_version()}, {libs}  ",
-        f"Machine: {platform.machine()} CPU ({os.cpu_count()} cores), torch.set_num_threads({config.threads}); "
-        "no GPU.  ",
+        f"Machine: {_machine(config)}.  ",
         f"Sizes: {config.num_transforms} layers, hidden {list(config.hidden_dims)}, {config.points} points per "
         f"throughput call, training batch {config.batch}; median of {config.repeats} repeats after "
         f"{config.warmup} warm-up.",
@@ -198,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", type=int, nargs="+", default=None, help="event sizes D (default 8 64)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--points", type=int, default=None)
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     args = parser.parse_args(argv)
     config = SMOKE if args.smoke_test else Config()
     if args.dims:
@@ -206,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         config = Config(**{**config.__dict__, "repeats": args.repeats})
     if args.points:
         config = Config(**{**config.__dict__, "points": args.points})
+    if args.device:
+        config = Config(**{**config.__dict__, "device": args.device})
+    if args.threads:
+        config = Config(**{**config.__dict__, "threads": args.threads})
     torch.set_num_threads(config.threads)
     all_results = {}
     for dim in config.dims:

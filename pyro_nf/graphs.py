@@ -1,0 +1,168 @@
+"""CUDA graphs for flows: one launch for a whole sampling call, density or training loss.
+
+On a GPU, a flow at moderate batch sizes is bound by kernel launches rather than by
+arithmetic, most of all in the sequential direction of an autoregressive flow (MAF
+sampling, IAF density of data), whose ``D`` small steps per layer each launch a handful
+of kernels. A CUDA graph records the launches of one call once and replays them all
+with a single launch:
+
+- :func:`capture` records a call made without gradients (``model.sample``,
+  ``model.log_prob`` in evaluation) and returns a :class:`CapturedCall`;
+- :func:`capture_module` records the forward and the backward pass of a module (for
+  example a :class:`~pyro_nf.FlowModel`, whose forward is ``log_prob``) for training, with
+  :func:`torch.cuda.make_graphed_callables`.
+
+What a replay does is fixed at capture time: the same shapes, dtypes and device, and the
+Python control flow taken then. Parameters and buffers are read in place, so optimizer
+steps are seen by the next replay; random draws (the base noise of ``sample``) are fresh
+on every replay. Input checks (pyro_nf's and torch.distributions') synchronise with the
+host, which a capture forbids, so they are switched off while capturing: check inputs
+before passing them to a replay.
+
+Example (on a machine with a GPU)::
+
+    model = FlowModel(maf(64, [256, 256]), (64,)).cuda()
+    sample = capture(lambda: model.sample((4096,)), device="cuda")
+    x = sample()  # 4096 fresh samples, one graph launch
+    density = capture(model.log_prob, x)
+    log_p = density(x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor, nn
+
+from pyro_nf.core import validation
+
+__all__ = ["CapturedCall", "capture", "capture_module"]
+
+
+@contextlib.contextmanager
+def _capturable() -> Iterator[None]:
+    """Switch off the input checks that read values back to the host."""
+    with validation(False), pyro.validation_enabled(False):
+        yield
+
+
+def _cuda_device(device: torch.device | str | None, inputs: tuple[Tensor, ...], name: str) -> torch.device:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{name}: CUDA graphs need a CUDA device, and torch sees none")
+    for i, x in enumerate(inputs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected tensors as inputs, got {type(x).__name__} for input {i}")
+        if x.device.type != "cuda":
+            raise ValueError(f"{name}: expected CUDA tensors, got input {i} on {x.device}")
+    if device is None:
+        return inputs[0].device if inputs else torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"{name}: expected a CUDA device, got {device}")
+    return device
+
+
+def _clone(outputs: Any) -> Any:
+    if isinstance(outputs, Tensor):
+        return outputs.clone()
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_clone(o) for o in outputs)
+    return outputs
+
+
+class CapturedCall:
+    """A call recorded in a CUDA graph; calling it copies the inputs in and replays the graph.
+
+    Built by :func:`capture`. Outputs are copied out of the graph's memory unless
+    ``copy_outputs=False``, in which case the next replay overwrites them.
+    """
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple[Tensor, ...], outputs: Any, copy_outputs: bool):
+        self.graph = graph
+        self.inputs = inputs
+        self.outputs = outputs
+        self.copy_outputs = copy_outputs
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        if len(inputs) != len(self.inputs):
+            raise TypeError(f"captured call: expected {len(self.inputs)} inputs, got {len(inputs)}")
+        for i, (x, static) in enumerate(zip(inputs, self.inputs)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"captured call: expected a tensor for input {i}, got {type(x).__name__}")
+            if x.shape != static.shape or x.dtype != static.dtype or x.device != static.device:
+                raise ValueError(
+                    f"captured call: input {i} must match the capture, {tuple(static.shape)} {static.dtype} on "
+                    f"{static.device}; got {tuple(x.shape)} {x.dtype} on {x.device} (capture again for new shapes)"
+                )
+            static.copy_(x)
+        self.graph.replay()
+        if not self.copy_outputs:
+            return self.outputs
+        return _clone(self.outputs)
+
+
+def capture(
+    fn: Callable[..., Any],
+    *inputs: Tensor,
+    device: torch.device | str | None = None,
+    warmup: int = 3,
+    copy_outputs: bool = True,
+) -> CapturedCall:
+    """Record ``fn(*inputs)``, computed without gradients, in a CUDA graph.
+
+    ``fn`` runs ``warmup`` times on a side stream first (so that lazy initialisation,
+    cached layouts and the allocator settle), then once under capture. ``inputs`` are
+    copied into static buffers that every replay reads; ``device`` is needed only when
+    there are no inputs (e.g. sampling).
+
+    Args:
+        fn: a function of CUDA tensors returning a tensor or a (nested) tuple of tensors.
+        inputs: example inputs, with the shapes, dtypes and device of every later call.
+        device: the CUDA device, when ``fn`` takes no inputs.
+        warmup: eager calls before the capture.
+        copy_outputs: return copies of the outputs (default) rather than the graph's own.
+
+    Raises:
+        RuntimeError: if torch sees no CUDA device.
+        ValueError: if an input or ``device`` is not on CUDA.
+    """
+    device = _cuda_device(device, inputs, "capture")
+    static = tuple(x.detach().clone() for x in inputs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device), torch.no_grad(), _capturable():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            outputs = fn(*static)
+    return CapturedCall(graph, static, outputs, copy_outputs)
+
+
+def capture_module(module: nn.Module, *inputs: Tensor, warmup: int = 3) -> Callable[..., Any]:
+    """Record the forward and backward passes of ``module`` (e.g. a ``FlowModel``) for training.
+
+    Returns a callable with the module's parameters that runs ``module(*inputs)`` and, on
+    ``backward``, its gradient, each as one graph replay (see
+    :func:`torch.cuda.make_graphed_callables`, which this wraps with the input checks off).
+    Inputs must keep the example's shapes; the loss reduction and the optimizer step stay
+    outside the graph::
+
+        log_prob = capture_module(model, batch)
+        loss = -log_prob(batch).mean()
+        loss.backward()
+        optimizer.step()
+    """
+    _cuda_device(None, inputs, "capture_module")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"capture_module: expected an nn.Module, got {type(module).__name__}")
+    with _capturable():
+        return torch.cuda.make_graphed_callables(
+            module, tuple(inputs), num_warmup_iters=warmup, allow_unused_input=True
+        )
