@@ -14,7 +14,19 @@ digits (intensities / 16, binarized the same way; the script says which).
 Dynamically binarized results are not comparable digit for digit with the
 statically binarized MNIST of the papers.
 
+FFJORD posteriors train with Hutchinson's trace estimate, backpropagating
+through the solver (faster than the adjoint at this size: the solve's graph is
+small), and are scored in evaluation mode with the exact trace (``D``
+vector-Jacobian products per function evaluation), as an IWAE estimate needs
+the exact ``log q``; ``--ode-tol`` and ``--ode-eval-tol`` set the solver
+tolerances of the two modes.
+
+``--max-minutes`` stops training at a wall-clock budget (the test scores still
+run; the epochs done are printed and written to ``--results``), which writes
+one Markdown table row, first with the ELBO alone, then with the IWAE estimate.
+
     python examples/vae_flows.py --posterior iaf --prior normal --epochs 50 --iwae-k 1000
+    python examples/vae_flows.py --posterior ffjord --device cuda --latent-dim 32 --epochs 5
     python examples/vae_flows.py --smoke-test
 """
 
@@ -72,7 +84,16 @@ def binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
 class VAE(nn.Module):
     """MLP encoder and decoder, an amortized flow posterior and an optional flow prior."""
 
-    def __init__(self, data_dim: int, latent_dim: int, hidden: int, posterior: str, prior: str, num_flows: int) -> None:
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        hidden: int,
+        posterior: str,
+        prior: str,
+        num_flows: int | None,
+        **flow_options: Any,
+    ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.encoder = nn.Sequential(nn.Linear(data_dim, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU())
@@ -85,14 +106,20 @@ class VAE(nn.Module):
             posterior,  # type: ignore[arg-type]
             latent_dim,
             hidden,
-            None if posterior in ("gaussian", "sylvester") else flow_hidden,
+            None if posterior in ("gaussian", "sylvester", "sylvester-shared") else flow_hidden,
             num_flows,
+            **flow_options,
         )
         self.prior_flow: nn.Module | None = None
-        if prior == "maf":
-            self.prior_flow = maf(latent_dim, flow_hidden, num_flows)
+        if prior == "maf":  # the factories' default depths (5 MAF layers, 6 couplings) unless --num-flows
+            self.prior_flow = (
+                maf(latent_dim, flow_hidden) if num_flows is None else maf(latent_dim, flow_hidden, num_flows)
+            )
         elif prior == "realnvp":
-            self.prior_flow = realnvp(latent_dim, flow_hidden, 2 * ((num_flows + 1) // 2))
+            couplings = 2 * ((num_flows + 1) // 2) if num_flows is not None else None
+            self.prior_flow = (
+                realnvp(latent_dim, flow_hidden) if couplings is None else realnvp(latent_dim, flow_hidden, couplings)
+            )
 
     def model(self, x: Tensor, size: int | None = None) -> None:
         """``p(x, z)``; ``size`` is the data set size when ``x`` is a mini-batch (the ELBO is scaled to it)."""
@@ -145,13 +172,28 @@ def test_elbo(vae: VAE, x: Tensor, batch: int) -> float:
     return total / len(x)
 
 
-def test_iwae(vae: VAE, x: Tensor, k: int, batch: int, chunk: int) -> float:
-    """Mean per-image IWAE estimate of ``log p(x)`` with ``k`` samples."""
-    values = [
-        iwae_log_likelihood(vae.model, vae.guide, x[i : i + batch], num_samples=k, chunk_size=chunk).per_datum
-        for i in range(0, len(x), batch)
-    ]
-    return torch.cat(values).mean().item()
+def test_iwae(vae: VAE, x: Tensor, k: int, batch: int, chunk: int, deadline: float | None = None) -> tuple[float, int]:
+    """Mean per-image IWAE estimate of ``log p(x)`` with ``k`` samples, and the number of images scored.
+
+    With a ``deadline`` (a ``time.perf_counter()`` value) no new batch starts after it: the
+    estimate is then over the first images only (at least one batch).
+    """
+    values: list[Tensor] = []
+    for i in range(0, len(x), batch):
+        if values and deadline is not None and time.perf_counter() > deadline:
+            break
+        values.append(
+            iwae_log_likelihood(vae.model, vae.guide, x[i : i + batch], num_samples=k, chunk_size=chunk).per_datum
+        )
+    scores = torch.cat(values)
+    return scores.mean().item(), len(scores)
+
+
+def write_row(path: str | None, cells: list[str]) -> None:
+    """Write one Markdown table row (replacing the file: the latest, most complete numbers)."""
+    if path:
+        with open(path, "w") as f:
+            f.write("| " + " | ".join(cells) + " |\n")
 
 
 def progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
@@ -174,10 +216,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--iwae-k", type=int, default=1000, help="importance samples per test image (5000 in papers)")
     parser.add_argument("--iwae-chunk", type=int, default=250, help="importance samples per vectorised pass")
+    parser.add_argument("--iwae-batch", type=int, default=None, help="test images per IWAE pass (50 for K > 100)")
     parser.add_argument("--test-points", type=int, default=None, help="score only the first N test images")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None, help="where to save the model after each epoch")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall-clock time")
+    parser.add_argument(
+        "--max-eval-minutes", type=float, default=None, help="start no IWAE batch after this time (scores fewer images)"
+    )
+    parser.add_argument("--results", default=None, help="write the scores as one Markdown table row to this file")
+    parser.add_argument("--ode-tol", type=float, default=1e-4, help="FFJORD: rtol = atol of training-mode solves")
+    parser.add_argument("--ode-eval-tol", type=float, default=1e-5, help="FFJORD: rtol = atol of evaluation solves")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, one epoch: checks that it runs")
     args = parser.parse_args(argv)
@@ -198,21 +248,41 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     hidden = args.hidden or (300 if train_x.shape[1] > 100 else 128)
     print(f"data: {description}; train {len(train_x)}, test {len(test_bin)}, D = {train_x.shape[1]}; device {device}")
 
-    vae = VAE(train_x.shape[1], args.latent_dim, hidden, args.posterior, args.prior, args.num_flows).to(device)
+    flow_options: dict[str, Any] = {}
+    if args.posterior == "ffjord":
+        tol, eval_tol = args.ode_tol, args.ode_eval_tol
+        flow_options = dict(adjoint=False, rtol=tol, atol=tol, eval_rtol=eval_tol, eval_atol=eval_tol)
+        flow_options["eval_trace"] = "exact"
+    vae = VAE(train_x.shape[1], args.latent_dim, hidden, args.posterior, args.prior, args.num_flows, **flow_options).to(
+        device
+    )
     optim = ClippedAdam({"lr": args.lr, "clip_norm": 100.0})
     svi = SVI(vae.model, vae.guide, optim, Trace_ELBO(max_plate_nesting=1))
     n = len(train_x)
     start = time.perf_counter()
+    deadline = None if args.max_minutes is None else start + 60.0 * args.max_minutes
+    epochs_done = 0.0
+    cnfs = [m for m in vae.posterior.modules() if hasattr(type(m), "nfe")]  # FFJORD blocks: report their NFE
     for epoch in range(1, args.epochs + 1):
         x_epoch = binarize(train_x)  # dynamic binarization: a fresh draw every epoch
         order = torch.randperm(n, device=device)
-        total = 0.0
+        total, steps = 0.0, 0
         batches = range(0, n, args.batch_size)
         bar = progress(batches, len(batches), f"epoch {epoch}/{args.epochs}", not args.no_progress)
         for i in bar:
+            if deadline is not None and time.perf_counter() > deadline:
+                break
             total += svi.step(x_epoch[order[i : i + args.batch_size]], n)
-        train_elbo = -total / len(batches) / n
-        print(f"epoch {epoch:3d}  train ELBO {train_elbo:9.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+            steps += 1
+        epochs_done += steps / len(batches)
+        train_elbo = -total / max(steps, 1) / n
+        solver = f"  NFE {sum(m.nfe for m in cnfs)}" if cnfs else ""
+        print(
+            f"epoch {epoch:3d}  train ELBO {train_elbo:9.3f}{solver}  ({time.perf_counter() - start:.0f} s)", flush=True
+        )
+        if steps < len(batches):
+            print(f"stopped at the --max-minutes budget after {epochs_done:.2f} epochs", flush=True)
+            break
         if args.checkpoint:
             save_checkpoint(
                 args.checkpoint,
@@ -220,14 +290,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
 
     vae.eval()
+    epochs = f"{epochs_done:.2f}".rstrip("0").rstrip(".")
+    row = [args.posterior, args.prior, str(args.latent_dim), epochs]
     elbo = test_elbo(vae, test_bin, 500)
-    iwae = test_iwae(vae, test_bin, args.iwae_k, 50 if args.iwae_k > 100 else 500, args.iwae_chunk)
+    print(f"test ELBO {elbo:.3f} on {len(test_bin)} images ({time.perf_counter() - start:.0f} s)", flush=True)
+    write_row(args.results, [*row, f"{elbo:.3f}", "not reached", "", f"{time.perf_counter() - start:.0f}", str(device)])
+    iwae_batch = args.iwae_batch or (50 if args.iwae_k > 100 else 500)
+    eval_start = time.perf_counter()
+    eval_deadline = None if args.max_eval_minutes is None else eval_start + 60.0 * args.max_eval_minutes
+    iwae, scored = test_iwae(vae, test_bin, args.iwae_k, iwae_batch, args.iwae_chunk, eval_deadline)
     seconds = time.perf_counter() - start
+    images = f"on the first {scored} of {len(test_bin)} images" if scored < len(test_bin) else f"on {scored} images"
     print(
-        f"posterior={args.posterior} prior={args.prior} latent={args.latent_dim} epochs={args.epochs}: "
-        f"test ELBO {elbo:.3f}  test log p(x) (IWAE, K={args.iwae_k}) {iwae:.3f} nats  ({seconds:.0f} s)"
+        f"posterior={args.posterior} prior={args.prior} latent={args.latent_dim} epochs={epochs}: "
+        f"test ELBO {elbo:.3f}  test log p(x) (IWAE, K={args.iwae_k}) {iwae:.3f} nats {images} "
+        f"(IWAE {time.perf_counter() - eval_start:.0f} s; {seconds:.0f} s in all)"
     )
-    return {"elbo": elbo, "iwae": iwae, "seconds": seconds}
+    write_row(
+        args.results,
+        [*row, f"{elbo:.3f}", f"{iwae:.3f}", f"K={args.iwae_k}, {scored} images", f"{seconds:.0f}", str(device)],
+    )
+    return {"elbo": elbo, "iwae": iwae, "seconds": seconds, "epochs": epochs_done}
 
 
 if __name__ == "__main__":
