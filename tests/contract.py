@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 
 from pyro_nf.core import FlowStack, InverseTransformModule
+from pyro_nf.infer.amortized import conditional_sylvester
 from pyro_nf.transforms import (
     batch_norm,
     conditional_iaf,
@@ -24,7 +25,7 @@ from pyro_nf.transforms import (
     maf,
     realnvp,
 )
-from pyro_nf.transforms.continuous import conditional_ffjord, ffjord
+from pyro_nf.transforms.continuous import FFJORD, conditional_ffjord, ffjord, ffjord_multiscale
 from pyro_nf.transforms.glow import actnorm, glow, glow_step, invertible_conv1x1
 from pyro_nf.transforms.multiscale import (
     FactorOut,
@@ -55,9 +56,10 @@ class Case:
     vector: bool = True
     autoregressive: bool = False
     networks: bool = True  # False for transforms without a network (the one-pass check counts networks)
-    # Network calls that make one pass, read from the transform after the pass (default: 1 call per network).
+    # Network calls that make one pass, read from the transform after the pass (default: 1 call per network):
+    # one count for every network, or a list with one count per network (in the order of ``networks``).
     # A CNF's pass is one ODE solve: as many calls as the solve's function evaluations (its ``nfe``).
-    calls_per_pass: Callable[[Transform], int] | None = None
+    calls_per_pass: Callable[[Transform], int | list[int]] | None = None
     marks: tuple[object, ...] = field(default_factory=tuple)
 
     def __str__(self) -> str:
@@ -70,6 +72,12 @@ def _d(shape: tuple[int, ...]) -> int:
 
 def _nfe(t: Transform) -> int:
     return t.nfe  # type: ignore[attr-defined]
+
+
+def _block_nfes(t: Transform) -> list[int]:
+    """The ``nfe`` of every CNF block of a stack, in the order of their networks."""
+    assert isinstance(t, nn.Module)
+    return [m.nfe for m in t.modules() if isinstance(m, FFJORD)]
 
 
 CASES: list[Case] = [
@@ -101,6 +109,11 @@ CASES: list[Case] = [
         shape=(3,),
         context_dim=CONTEXT_DIM,
         calls_per_pass=_nfe,
+    ),
+    Case(
+        "conditional_sylvester",
+        lambda s: conditional_sylvester(_d(s), CONTEXT_DIM, [16], num_transforms=2, num_householder=3),
+        context_dim=CONTEXT_DIM,
     ),
     Case("actnorm", lambda s: actnorm(s), shape=(2, 4, 4), vector=False, networks=False),
     Case("conv1x1-lu", lambda s: invertible_conv1x1(s), shape=(3, 4, 4), vector=False, networks=False),
@@ -140,6 +153,13 @@ CASES: list[Case] = [
         lambda s: realnvp_multiscale(s, 2, 8, num_blocks=1, learned_prior=True, actnorm=True, log_scale_bound=1.0),
         shape=(1, 4, 4),
         vector=False,
+    ),
+    Case(
+        "ffjord_multiscale",
+        lambda s: ffjord_multiscale(s, 2, 1, [4], "exact", t1=0.5, rtol=1e-8, atol=1e-8, adjoint=False),
+        shape=(1, 4, 4),
+        vector=False,
+        calls_per_pass=_block_nfes,
     ),
 ]
 

@@ -340,6 +340,31 @@ def test_concat_squash_layer_formula() -> None:
         layer(t, x)
 
 
+@pytest.mark.parametrize("context_shape", [None, (5, 2), (1, 2)])
+def test_fused_field_equals_its_layers_one_by_one(context_shape: tuple[int, ...] | None) -> None:
+    # ODENet computes all gates and shifts in one map (and folds a batch-wide gate into the weights);
+    # it must equal the layers applied one by one, values and gradients, parameters unchanged.
+    context_dim = 0 if context_shape is None else context_shape[-1]
+    net = ODENet(3, [6, 5], context_dim, "tanh", zero_init=False).to(F64)
+    kinds = ("linear.weight", "linear.bias", "gate.weight", "gate.bias", "shift.weight")
+    assert sorted(net.state_dict()) == sorted(f"layers.{i}.{kind}" for i in range(3) for kind in kinds)
+    z = torch.randn(5, 3, dtype=F64, requires_grad=True)
+    c = None if context_shape is None else torch.randn(context_shape, dtype=F64)
+    t = torch.tensor(0.3, dtype=F64)
+
+    def one_by_one(z: Tensor) -> Tensor:
+        h = z
+        for layer, act in zip(net.layers, net.activations):
+            h = act(layer(t, h, c))
+        return net.layers[-1](t, h, c)
+
+    fused, reference = net(t, z, c), one_by_one(z)
+    assert (fused - reference).abs().max() <= 1e-12
+    params = [z, *net.parameters()]
+    for a, b in zip(torch.autograd.grad(fused.sin().sum(), params), torch.autograd.grad(reference.sin().sum(), params)):
+        assert (a - b).abs().max() <= 1e-12
+
+
 def test_state_survives_pickling_of_the_module() -> None:
     import copy
 
@@ -401,3 +426,13 @@ def test_benchmark_smoke_test_runs() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pyro_nf" in result.stdout and "zuko" in result.stdout and "torchdiffeq" in result.stdout
+    assert "| gmm8 | zuko |" in result.stdout  # the D = 8 known-density row
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "rnode.py"), "--smoke-test", "--configs", "ffjord", "rk4-rnode-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| 8gaussians | ffjord |" in result.stdout and "| 8gaussians | rk4-rnode-1 |" in result.stdout

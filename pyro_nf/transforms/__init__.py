@@ -17,6 +17,7 @@ from pyro_nf.transforms.continuous import (
     ODEOptions,
     conditional_ffjord,
     ffjord,
+    ffjord_multiscale,
 )
 from pyro_nf.transforms.coupling import (
     AffineCoupling,
@@ -54,6 +55,7 @@ __all__ = [
     "ODEOptions",
     "conditional_ffjord",
     "ffjord",
+    "ffjord_multiscale",
     "ActNorm",
     "FactorOut",
     "GlowStep",
