@@ -136,9 +136,9 @@ def _train_step(model: Model, data: Tensor, graphed: bool = False) -> Callable[[
 
 def _graphed_calls(model: Model, x: Tensor, points: int) -> dict[str, Callable[[], object]]:
     """The no-gradient calls of one pyro_nf model, each recorded once in a CUDA graph."""
-    from pyro_nf.graphs import capture
+    from pyro_nf.graphs import capture, capture_sampler
 
-    sample = capture(lambda: model.sample(points), device=x.device, copy_outputs=False)
+    sample = capture_sampler(model.module, (points,))
     log_prob = capture(model.log_prob, x, copy_outputs=False)
     return {"sample": sample, "log_prob": lambda: log_prob(x)}
 

@@ -6,24 +6,28 @@ sampling, IAF density of data), whose ``D`` small steps per layer each launch a 
 of kernels. A CUDA graph records the launches of one call once and replays them all
 with a single launch:
 
-- :func:`capture` records a call made without gradients (``model.sample``,
-  ``model.log_prob`` in evaluation) and returns a :class:`CapturedCall`;
+- :func:`capture` records a call made without gradients (``model.log_prob`` in
+  evaluation, a flow applied to given noise) and returns a :class:`CapturedCall`;
+- :func:`capture_sampler` records sampling from a :class:`~pyro_nf.FlowModel`: the base
+  noise is drawn outside the graph, into its input, then the flow is replayed;
 - :func:`capture_module` records the forward and the backward pass of a module (for
   example a :class:`~pyro_nf.FlowModel`, whose forward is ``log_prob``) for training, with
   :func:`torch.cuda.make_graphed_callables`.
 
 What a replay does is fixed at capture time: the same shapes, dtypes and device, and the
 Python control flow taken then. Parameters and buffers are read in place, so optimizer
-steps are seen by the next replay; random draws (the base noise of ``sample``) are fresh
-on every replay. Input checks (pyro_nf's and torch.distributions') synchronise with the
-host, which a capture forbids, so they are switched off while capturing: check inputs
-before passing them to a replay.
+steps are seen by the next replay. Random draws inside a capture are refused by some
+torch versions (torch 2.11 stops with "operation not permitted when stream is capturing",
+and the generator stays unusable in that process), so nothing here draws inside a graph.
+Input checks (pyro_nf's and torch.distributions') synchronise with the host, which a
+capture forbids, so they are switched off while capturing: check inputs before passing
+them to a replay.
 
 Example (on a machine with a GPU)::
 
     model = FlowModel(maf(64, [256, 256]), (64,)).cuda()
-    sample = capture(lambda: model.sample((4096,)), device="cuda")
-    x = sample()  # 4096 fresh samples, one graph launch
+    sample = capture_sampler(model, (4096,))
+    x = sample()  # 4096 fresh samples: one noise draw and one graph launch
     density = capture(model.log_prob, x)
     log_p = density(x)
 """
@@ -38,9 +42,9 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from pyro_nf.core import validation
+from pyro_nf.core import fused_forward, validation
 
-__all__ = ["CapturedCall", "capture", "capture_module"]
+__all__ = ["CapturedCall", "capture", "capture_module", "capture_sampler"]
 
 
 @contextlib.contextmanager
@@ -166,3 +170,28 @@ def capture_module(module: nn.Module, *inputs: Tensor, warmup: int = 3) -> Calla
         return torch.cuda.make_graphed_callables(
             module, tuple(inputs), num_warmup_iters=warmup, allow_unused_input=True
         )
+
+
+def capture_sampler(
+    model: nn.Module, sample_shape: tuple[int, ...] | torch.Size, *, temperature: float = 1.0, warmup: int = 3
+) -> Callable[[], Tensor]:
+    """Sampling from a flow model (a :class:`~pyro_nf.FlowModel`) as one graph replay per call.
+
+    Each call draws standard Normal noise of shape ``sample_shape + event_shape``, scaled
+    by ``temperature``, into the graph's input (one eager kernel), replays the flow's
+    forward pass recorded by :func:`capture`, and returns a copy of the samples.
+    """
+    base = getattr(model, "base_dist", None)
+    flow = getattr(model, "flow", None)
+    if base is None or flow is None:
+        raise TypeError(f"capture_sampler: expected a flow model with base_dist and flow, got {type(model).__name__}")
+    noise = base.sample(torch.Size(sample_shape))
+    call = capture(lambda z: fused_forward(flow, z)[0], noise, warmup=warmup, copy_outputs=False)
+    static = call.inputs[0]
+
+    def sample() -> Tensor:
+        static.normal_(0.0, temperature)
+        call.graph.replay()
+        return call.outputs.clone()
+
+    return sample

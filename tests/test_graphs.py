@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_nf import FlowModel
-from pyro_nf.graphs import capture, capture_module
+from pyro_nf.graphs import capture, capture_module, capture_sampler
 from pyro_nf.transforms import iaf, maf
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -19,6 +19,8 @@ def test_capture_needs_cuda():
         capture(model.log_prob, torch.randn(4, 3))
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         capture_module(model, torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        capture_sampler(model, (4,))
 
 
 def _model(factory, dim: int = 12) -> FlowModel:
@@ -55,7 +57,7 @@ def test_captured_density_matches_eager(factory):
 @pytest.mark.parametrize("factory", [maf, iaf], ids=["maf", "iaf"])
 def test_captured_sampling_draws_fresh_samples(factory):
     model = _model(factory)
-    sample = capture(lambda: model.sample((256,)), device="cuda")
+    sample = capture_sampler(model, (256,))
     a, b = sample(), sample()
     assert a.shape == (256, 12) and a.device.type == "cuda"
     assert not torch.allclose(a, b), "every replay draws new base noise"
