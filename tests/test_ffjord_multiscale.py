@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pyro.distributions as dist
 import pytest
@@ -23,14 +22,6 @@ from pyro_nf.transforms import FFJORD, ConditionalFFJORD, FactorOut, ODEOptions,
 from tests.contract import perturb
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _field(shape: tuple[int, int, int] = (2, 3, 3), **kwargs: object) -> ConvODENet:

@@ -68,7 +68,13 @@ from pyro_nf.nn.odefunc import (
     Trace,
     sample_noise,
 )
-from pyro_nf.transforms.multiscale import check_image_shape, check_squeezable, multiscale_level, squeezed_shape
+from pyro_nf.transforms.multiscale import (
+    check_image_shape,
+    check_squeezable,
+    level_shapes,
+    multiscale_level,
+    squeezed_shape,
+)
 
 ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_GRID_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun3", "rk4")
@@ -732,10 +738,7 @@ def ffjord_multiscale(
             for _ in range(blocks_per_scale)
         ]
 
-    shapes = [shape]
-    for _ in range(num_scales - 1):
-        s = squeezed_shape(shapes[-1])
-        shapes.append((s[0] // 2, s[1], s[2]))
+    shapes = level_shapes(shape, num_scales)
     inner: FlowTransform | None = None
     for i in reversed(range(num_scales)):
         s = shapes[i]

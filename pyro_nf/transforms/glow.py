@@ -41,6 +41,7 @@ from pyro_nf.transforms.multiscale import (
     check_image_shape,
     check_squeezable,
     image_coupling,
+    level_shapes,
     multiscale_level,
     prior_coupling,
     squeezed_shape,
@@ -325,10 +326,7 @@ def glow(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     check_squeezable(shape, levels, "glow", f"levels = {levels}")
-    shapes = [shape]
-    for _ in range(levels - 1):
-        s = squeezed_shape(shapes[-1])
-        shapes.append((s[0] // 2, s[1], s[2]))
+    shapes = level_shapes(shape, levels)
     inner: FlowTransform | None = None
     for i in reversed(range(levels)):
         s = shapes[i]

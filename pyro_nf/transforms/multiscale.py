@@ -457,6 +457,15 @@ def squeezed_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return (4 * shape[0], shape[1] // 2, shape[2] // 2)
 
 
+def level_shapes(shape: tuple[int, int, int], levels: int) -> list[tuple[int, int, int]]:
+    """The input shape of each level of a multiscale flow: squeeze, then keep half the channels."""
+    shapes = [shape]
+    for _ in range(levels - 1):
+        s = squeezed_shape(shapes[-1])
+        shapes.append((s[0] // 2, s[1], s[2]))
+    return shapes
+
+
 def multiscale_level(
     shape: tuple[int, int, int],
     before: Sequence[Transform],
@@ -548,10 +557,7 @@ def realnvp_multiscale(
         scale=scale,
         log_scale_bound=log_scale_bound,
     )
-    shapes = [shape]
-    for _ in range(num_scales - 1):
-        s = squeezed_shape(shapes[-1])
-        shapes.append((s[0] // 2, s[1], s[2]))
+    shapes = level_shapes(shape, num_scales)
     inner: FlowTransform | None = None
     for i in reversed(range(num_scales)):
         s = shapes[i]
