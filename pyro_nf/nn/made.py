@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from pyro_nf.nn.nets import activate
 
@@ -48,33 +49,12 @@ class _Structure(NamedTuple):
     bounds: list[list[int]]  # bounds[l][k]: units of degree < k in hidden layer l (k = 0..D)
 
 
-class _Rows:
-    """The rows (units or positions, each a row of ``n`` values) known so far in one layer.
+class _BufferRows:
+    """Rows (units or positions, each a row of ``n`` values) known so far in one layer.
 
-    With autograd recording, blocks are joined out of place: those of the current chunk
-    into one tensor, and the chunk into the known prefix when it ends (:meth:`flush`), so a
-    step copies ``O(G)`` rows, not the whole prefix. Without autograd (sampling, evaluation)
-    every block is copied once into a preallocated buffer (:class:`_BufferRows`).
+    Every block is copied once into a preallocated ``(total, n)`` buffer; reads are row slices.
     """
 
-    def __init__(self, total: int, like: Tensor) -> None:
-        self.known = self.chunk = like.new_zeros(0, like.shape[1])
-
-    def append(self, block: Tensor) -> None:
-        self.chunk = torch.cat((self.chunk, block))
-
-    def flush(self) -> None:
-        self.known = torch.cat((self.known, self.chunk))
-        self.chunk = self.known[:0]
-
-    def rows(self, lo: int, hi: int) -> Tensor:
-        """Rows ``lo:hi``, which lie in the known prefix or in the current chunk."""
-        offset = self.known.shape[0]
-        part, lo, hi = (self.known, lo, hi) if hi <= offset else (self.chunk, lo - offset, hi - offset)
-        return part if lo == 0 and hi == part.shape[0] else part[lo:hi]  # no slice node for a whole part
-
-
-class _BufferRows(_Rows):
     def __init__(self, total: int, like: Tensor) -> None:
         self.buffer = like.new_empty(total, like.shape[1])
         self.count = 0
@@ -83,11 +63,16 @@ class _BufferRows(_Rows):
         self.buffer[self.count : self.count + block.shape[0]].copy_(block)
         self.count += block.shape[0]
 
-    def flush(self) -> None:
-        pass
-
     def rows(self, lo: int, hi: int) -> Tensor:
         return self.buffer[lo:hi]
+
+
+class _Pass(NamedTuple):
+    """The incremental pass in the order layout: solution rows, output rows, pre-activations."""
+
+    x: Tensor  # (D, n): position j of the order in row j
+    out: Tensor  # (D * P, n): row j * P + p is parameter p of position j
+    pre: list[Tensor]  # per hidden layer, (H_l, n) pre-activations (kept for the backward pass only)
 
 
 class MaskedLinear(nn.Linear):
@@ -250,8 +235,17 @@ class MADE(nn.Module):
         ``sqrt(D)``): at the start of a chunk one matmul per layer gives all of the
         chunk's units their part from the units known by then, and each step adds
         the part from inside the chunk only, so a step reads ``O(G)`` units instead
-        of the whole known prefix. Both methods give the same numbers up to float
-        rounding, and gradients flow through both (out-of-place operations only).
+        of the whole known prefix. The pass writes into buffers, without autograd.
+
+        Gradients come from a hand-written backward pass: the solution's cotangent
+        solves the transposed triangular system ``x̄ = L_x + (∂MADE/∂x)^T p̄``,
+        ``p̄ = L_p + (∂solve/∂params) x̄``, in reverse order and incrementally (the
+        transpose of the forward pass, chunked the same way), and the parameters'
+        and the context's gradients are ``p̄``'s vector-Jacobian product with one
+        parallel MADE pass at the solution. Both methods give the same numbers and
+        gradients up to float rounding; the incremental one is not twice
+        differentiable. ``solve`` and the activations must be element-wise (as a
+        MADE needs anyway).
 
         Args:
             given: ``(..., D)``, the known side (base noise for MAF sampling, data
@@ -330,23 +324,65 @@ class MADE(nn.Module):
     def _sequential_incremental(
         self, given: Tensor, solve: Callable[..., Tensor], context: Tensor | None, chunk: int | None
     ) -> tuple[Tensor, Tensor]:
-        # Step k = 0..D: (a) for k >= 1, the outputs of position k (they read the last layer's
-        # units of degree < k) and x at position k; (b) for k < D, the units of degree k in
-        # every layer (layer 0 reads positions <= k, layer l + 1 the units of degree <= k of
-        # layer l). Steps are grouped in chunks of G: at the start of a chunk [c, c + G) one
-        # matmul per layer gives every target of the chunk its part from sources of degree < c
-        # (all known by then), and each step adds the part from the chunk's own sources only.
-        # Each step so reads O(G) units instead of the whole known prefix.
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
+        D, P = self.input_dim, self.num_params
+        shape = given.shape
+        flat = given.reshape(-1, D)
+        params = tuple(self.parameters())
+        inputs = (flat, *params) if context is None else (flat, context, *params)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            x, out = _IncrementalSolve.apply(self, solve, chunk, shape[:-1], flat, context, *params)
+        else:
+            with torch.no_grad():
+                x, out = self._natural(self._incremental_pass(flat, solve, context, chunk, shape[:-1]))
+        return x.reshape(shape), out.reshape(*shape[:-1], P * D)
+
+    def _chunk_size(self, chunk: int | None) -> int:
+        return chunk if chunk is not None else max(1, round(math.sqrt(self.input_dim)))
+
+    def _natural(self, result: _Pass) -> tuple[Tensor, Tensor]:
+        """The pass's solution ``(n, D)`` and outputs ``(n, P * D)`` in the input layout."""
+        D, P = self.input_dim, self.num_params
+        inverse = self._structure().inverse
+        n = result.x.shape[1]
+        out = result.out.view(D, P, n).index_select(0, inverse).permute(2, 1, 0).reshape(n, P * D)
+        return result.x.index_select(0, inverse).t(), out
+
+    def _order_weights(self) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+        """Input weights with columns in the order, hidden weights, output weights and biases with
+        rows in the order (position-major: row ``j * P + p`` is parameter ``p`` of position ``j``)."""
+        D, P = self.input_dim, self.num_params
+        order = self._structure().order
+        w_in = self.input_layer.weight.index_select(1, order)
+        hidden = [layer.weight for layer in self.hidden_layers]  # type: ignore[union-attr]
+        w_out = self.output_layer.weight.view(P, D, -1).index_select(1, order).transpose(0, 1).reshape(D * P, -1)
+        b_out = self.output_layer.bias.view(P, D).index_select(1, order).t().reshape(D * P, 1)
+        return w_in, hidden, w_out, b_out
+
+    def _incremental_pass(
+        self,
+        flat: Tensor,
+        solve: Callable[..., Tensor],
+        context: Tensor | None,
+        chunk: int | None,
+        batch_shape: torch.Size,
+        keep: bool = False,
+    ) -> _Pass:
+        # Runs without autograd. Step k = 0..D: (a) for k >= 1, the outputs of position k - 1
+        # (they read the last layer's units of degree < k) and x at that position; (b) for
+        # k < D, the units of degree k in every layer (layer 0 reads positions < k, layer l + 1
+        # the units of degree <= k of layer l). Steps are grouped in chunks of G: at the start of
+        # a chunk [c, c + G) one matmul per layer gives every target of the chunk its part from
+        # sources of degree < c (all known by then), and each step adds the part from the
+        # chunk's own sources only, so a step reads O(G) units instead of the whole known prefix.
+        # Everything is feature-major, (features, n): a block of units is a block of rows.
         D, P = self.input_dim, self.num_params
         s = self._structure()
         bounds = s.bounds  # bounds[l][k]: units of degree < k in hidden layer l
         num_layers = len(self.hidden_dims)
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
-        G = chunk if chunk is not None else max(1, round(math.sqrt(D)))
+        G = self._chunk_size(chunk)
         starts = list(range(0, D + 1, G))
-        shape = given.shape
-        flat = given.reshape(-1, D)
         n = flat.shape[0]
 
         def hidden_sizes(b: list[int]) -> tuple[list[int], list[int]]:
@@ -354,18 +390,12 @@ class MADE(nn.Module):
             per_degree = [b[k + 1] - b[k] for k in range(D)]
             return per_chunk, per_degree
 
-        # Everything is kept feature-major, (features, n): a block of units is then a block of
-        # contiguous rows, so growing the known prefix is a plain copy, and each matmul reads
-        # rows of (target, source) weight slices. Weights are split by target chunk and by target
-        # degree (one autograd node per split, so the gradients accumulate in one piece).
         base: Tensor = self.input_layer.bias.unsqueeze(-1)
         if self.context_layer is not None and context is not None:
-            base = (self.input_layer.bias + self.context_layer(context)).expand(*shape[:-1], -1).reshape(n, -1).t()
-        weights = [self.input_layer.weight.index_select(1, s.order)]
-        biases = [base]
-        hidden_layers: list[MaskedLinear] = list(self.hidden_layers)  # type: ignore[arg-type]
-        weights += [layer.weight for layer in hidden_layers]
-        biases += [layer.bias.unsqueeze(-1) for layer in hidden_layers]
+            base = (self.input_layer.bias + self.context_layer(context)).expand(*batch_shape, -1).reshape(n, -1).t()
+        w_in, hidden, w_out, b_out = self._order_weights()
+        weights = [w_in, *hidden]
+        biases = [base] + [layer.bias.unsqueeze(-1) for layer in self.hidden_layers]  # type: ignore[union-attr]
         w_chunk, w_step, b_chunk = [], [], []
         for i in range(num_layers):
             per_chunk, per_degree = hidden_sizes(bounds[i])
@@ -373,23 +403,17 @@ class MADE(nn.Module):
             w_step.append(weights[i].split(per_degree))
             b_chunk.append(biases[i].split(per_chunk))
         out_chunk_sizes = [P * (min(c + G, D + 1) - max(c, 1)) for c in starts]
-        # output rows in the order, position-major: row j * P + p is parameter p of position j
-        w_out = self.output_layer.weight.view(P, D, -1).index_select(1, s.order).transpose(0, 1).reshape(D * P, -1)
-        b_out = self.output_layer.bias.view(P, D).index_select(1, s.order).t().reshape(D * P, 1)
         wo_chunk = w_out.split(out_chunk_sizes)
         wo_step = w_out.split(P)
         bo_chunk = b_out.split(out_chunk_sizes)
         rows = flat.t().index_select(0, s.order).split(1)  # the given side, one (1, n) row per position
 
         acts = [act.forward for act in self.activations]
-        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (flat, base, w_out, *weights, *biases))
-        store = _Rows if recording else _BufferRows
-        x_rows = store(D, rows[0])  # the solution, positions in the order
-        units = [store(w, rows[0]) for w in self.hidden_dims]  # activations, units in degree order
-        outs: list[Tensor] = []
+        x_rows = _BufferRows(D, rows[0])  # the solution, positions in the order
+        units = [_BufferRows(w, rows[0]) for w in self.hidden_dims]  # activations, units in degree order
+        pre = [_BufferRows(w, rows[0]) for w in self.hidden_dims] if keep else []
+        out_rows = flat.new_empty(D * P, n)
         for ci, c in enumerate(starts):
-            # the chunk's parts from the known sources, split per position / per degree block
-            # (split rather than slices: one autograd node each)
             end = min(c + G, D)
             known_out = bounds[-1][min(c, D)]
             out_part = torch.addmm(bo_chunk[ci], wo_chunk[ci][:, :known_out], units[-1].rows(0, known_out)).split(P)
@@ -410,7 +434,7 @@ class MADE(nn.Module):
                     lo = bounds[-1][c]
                     if k - 1 >= c and bounds[-1][k] > lo:
                         out = torch.addmm(out, wo_step[k - 1][:, lo : bounds[-1][k]], units[-1].rows(lo, bounds[-1][k]))
-                    outs.append(out)
+                    out_rows[(k - 1) * P : k * P].copy_(out)
                     x_rows.append(solve(rows[k - 1], *out.split(1)))
                 if k == D:
                     break
@@ -428,11 +452,156 @@ class MADE(nn.Module):
                     if src.shape[0]:
                         h_new = torch.addmm(h_new, w, src)
                     h = h + h_new if self.residual and i > 0 else h_new
+                    if keep:
+                        pre[i].append(h)
                     units[i].append(acts[i](h))
-            x_rows.flush()
-            for u in units:
-                u.flush()
+        return _Pass(x_rows.buffer, out_rows, [p.buffer for p in pre])
 
-        x = x_rows.rows(0, D).index_select(0, s.inverse).t().reshape(shape)
-        params = torch.stack(outs).index_select(0, s.inverse).permute(2, 1, 0).reshape(*shape[:-1], P * D)
-        return x, params
+    def _incremental_backward(
+        self,
+        flat: Tensor,
+        result: _Pass,
+        solve: Callable[..., Tensor],
+        chunk: int | None,
+        grad_x: Tensor | None,
+        grad_out: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Cotangents of the given side and of the MADE output at the solution, in one reverse pass.
+
+        With ``s_g, s_p`` the element-wise partials of ``solve`` and ``M`` the MADE, the
+        solution's cotangent solves the triangular system ``x̄ = L_x + (∂M/∂x)^T p̄``,
+        ``p̄ = L_p + s_p x̄``. Position ``j`` of ``x̄`` is final once the units of degree
+        ``> j`` have passed their cotangents down, so the system is solved in reverse order,
+        block by block, as the transpose of the forward pass (chunked the same way). Returns
+        ``(ḡ, p̄)`` in the input layout; the parameters' gradients are ``p̄``'s vector-Jacobian
+        product with one parallel MADE pass at the solution.
+        """
+        D, P = self.input_dim, self.num_params
+        s = self._structure()
+        bounds = s.bounds
+        num_layers = len(self.hidden_dims)
+        G = self._chunk_size(chunk)
+        n = flat.shape[0]
+        # the element-wise partials of the solve and of the activations, each in one batched call
+        with torch.enable_grad():
+            given_rows = flat.detach().t().index_select(0, s.order).requires_grad_()
+            out_rows = result.out.detach().view(D, P, n).requires_grad_()
+            x = solve(given_rows, *out_rows.unbind(1))
+            s_g, s_p = torch.autograd.grad(x, (given_rows, out_rows), torch.ones_like(x))
+            slopes = []
+            for act, pre in zip(self.activations, result.pre):
+                pre = pre.detach().requires_grad_()
+                a = act(pre * 1.0)  # a copy: an in-place activation must not write into the leaf
+                slopes.append(torch.autograd.grad(a, pre, torch.ones_like(a))[0])
+        s_p = s_p.reshape(D * P, n)
+        xbar = grad_x.t().index_select(0, s.order) if grad_x is not None else flat.new_zeros(D, n)
+        if grad_out is not None:
+            pbar = grad_out.reshape(n, P, D).index_select(2, s.order).permute(2, 1, 0).reshape(D * P, n)
+        else:
+            pbar = flat.new_zeros(D * P, n)
+        w_in, hidden, w_out, _ = self._order_weights()
+        abar = [flat.new_zeros(w, n) for w in self.hidden_dims]  # cotangents of the activations
+        hbar = [flat.new_empty(w, n) for w in self.hidden_dims]  # cotangents of the pre-activations
+        # per-position and per-degree views, made once (a step then slices only along its prefix)
+        degree_sizes = [[b[k + 1] - b[k] for k in range(D)] for b in bounds]
+        abar_k = [a.split(sizes) for a, sizes in zip(abar, degree_sizes)]
+        hbar_k = [h.split(sizes) for h, sizes in zip(hbar, degree_sizes)]
+        slope_k = [g.split(sizes) for g, sizes in zip(slopes, degree_sizes)]
+        w_hidden_k = [w.split(sizes) for w, sizes in zip(hidden, degree_sizes[1:])]  # rows: targets of degree k
+        w_in_k = w_in.split(degree_sizes[0])
+        w_out_j, pbar_j, s_p_j, xbar_j = w_out.split(P), pbar.split(P), s_p.split(P), xbar.split(1)
+        last = bounds[-1]
+        for c in reversed(range(0, D, G)):
+            end = min(c + G, D)
+            for j in range(end - 1, c - 1, -1):
+                pbar_j[j].addcmul_(s_p_j[j], xbar_j[j])  # position j is final: its output's cotangent
+                if last[j + 1] > last[c]:  # to the last layer's units of degree in [c, j]
+                    abar[-1][last[c] : last[j + 1]].addmm_(w_out_j[j][:, last[c] : last[j + 1]].t(), pbar_j[j])
+                for i in reversed(range(num_layers)):  # the units of degree j, top down
+                    if not degree_sizes[i][j]:
+                        continue
+                    block = torch.mul(abar_k[i][j], slope_k[i][j], out=hbar_k[i][j])
+                    if self.residual and i < num_layers - 1:
+                        block.add_(hbar_k[i + 1][j])
+                    if i > 0:  # to the units of degree in [c, j] one layer down
+                        lo, hi = bounds[i - 1][c], bounds[i - 1][j + 1]
+                        if hi > lo:
+                            abar[i - 1][lo:hi].addmm_(w_hidden_k[i - 1][j][:, lo:hi].t(), block)
+                    elif j > c:  # to the positions in [c, j - 1]
+                        xbar[c:j].addmm_(w_in_k[j][:, c:j].t(), block)
+            if c == 0:
+                continue
+            # the chunk's parts to sources of degree < c, in one matmul per layer
+            r = slice(c * P, end * P)
+            if last[c]:
+                abar[-1][: last[c]].addmm_(w_out[r, : last[c]].t(), pbar[r])
+            for i in reversed(range(num_layers)):
+                b = bounds[i]
+                if b[end] == b[c]:
+                    continue
+                block = hbar[i][b[c] : b[end]]
+                if i > 0:
+                    k = bounds[i - 1][c]
+                    if k:
+                        abar[i - 1][:k].addmm_(hidden[i - 1][b[c] : b[end], :k].t(), block)
+                else:
+                    xbar[:c].addmm_(w_in[b[c] : b[end], :c].t(), block)
+        gbar = (s_g * xbar).index_select(0, s.inverse).t()
+        pbar = pbar.view(D, P, n).index_select(0, s.inverse).permute(2, 1, 0).reshape(n, P * D)
+        return gbar, pbar
+
+
+class _IncrementalSolve(torch.autograd.Function):
+    """:meth:`MADE.sequential`'s incremental pass with a hand-written backward pass.
+
+    The forward pass runs without autograd, writing into buffers; the backward pass solves
+    the transposed triangular system incrementally (:meth:`MADE._incremental_backward`)
+    and gets the parameters' and the context's gradients from one parallel MADE pass at
+    the solution. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: object,
+        made: MADE,
+        solve: Callable[..., Tensor],
+        chunk: int | None,
+        batch_shape: torch.Size,
+        flat: Tensor,
+        context: Tensor | None,
+        *params: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        result = made._incremental_pass(flat, solve, context, chunk, batch_shape, keep=True)
+        ctx.made, ctx.solve, ctx.chunk, ctx.batch_shape, ctx.result = made, solve, chunk, batch_shape, result  # type: ignore[attr-defined]
+        ctx.save_for_backward(flat, context, *params)  # type: ignore[attr-defined]
+        return made._natural(result)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: object, grad_x: Tensor | None, grad_out: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        made: MADE = ctx.made  # type: ignore[attr-defined]
+        flat, context, *params = ctx.saved_tensors  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        result: _Pass = ctx.result  # type: ignore[attr-defined]
+        gbar, pbar = made._incremental_backward(flat, result, ctx.solve, ctx.chunk, grad_x, grad_out)  # type: ignore[attr-defined]
+        # the parameters' and the context's gradients: p̄'s vector-Jacobian product at the solution
+        wanted = [t for t, need in zip((context, *params), needs[5:]) if need and t is not None]
+        grads: dict[int, Tensor | None] = {}
+        if wanted:
+            with torch.enable_grad():
+                x = made._natural(result)[0]
+                ctx_flat = None
+                if context is not None:
+                    ctx_flat = context.expand(*ctx.batch_shape, context.shape[-1]).reshape(-1, context.shape[-1])  # type: ignore[attr-defined]
+                out = made(x, ctx_flat)
+                found = torch.autograd.grad(out, wanted, pbar, allow_unused=True)
+            grads = {id(t): g for t, g in zip(wanted, found)}
+        return (
+            None,
+            None,
+            None,
+            None,
+            gbar if needs[4] else None,
+            grads.get(id(context)) if context is not None else None,
+            *(grads.get(id(p)) for p in params),
+        )
