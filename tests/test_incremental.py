@@ -281,3 +281,22 @@ def test_backward_is_the_hand_written_pass_and_refuses_double_backward():
     (grad,) = torch.autograd.grad(x.sum(), given, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
         grad.sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("options", [dict(), dict(residual=True, order="random"), dict(context_dim=CONTEXT_DIM)])
+def test_gradients_match_reference_on_cuda(options: dict):
+    made = make_made(12, [40, 40], torch.float64, **options).cuda()
+    given = torch.randn(5, 12, dtype=torch.float64, device="cuda", requires_grad=True)
+    context = None
+    if made.context_dim:
+        context = torch.randn(5, CONTEXT_DIM, dtype=torch.float64, device="cuda", requires_grad=True)
+    inputs = [given, *made.parameters()] + ([context] if context is not None else [])
+    weights = torch.randn(5, 24, dtype=torch.float64, device="cuda")
+    grads = {}
+    for method in ("reference", "incremental"):
+        x, params = made.sequential(given, affine_solve(False), context, method=method)
+        grads[method] = torch.autograd.grad((x**2).sum() + (params * weights).sum(), inputs, allow_unused=True)
+    for g_ref, g in zip(grads["reference"], grads["incremental"]):
+        if g_ref is not None:
+            assert g is not None and torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)
