@@ -546,9 +546,7 @@ class MADE(nn.Module):
                         abar[i - 1][:k].addmm_(hidden[i - 1][b[c] : b[end], :k].t(), block)
                 else:
                     xbar[:c].addmm_(w_in[b[c] : b[end], :c].t(), block)
-        gbar = (s_g * xbar).index_select(0, s.inverse).t()
-        pbar = pbar.view(D, P, n).index_select(0, s.inverse).permute(2, 1, 0).reshape(n, P * D)
-        return gbar, pbar
+        return self._natural(_Pass(s_g * xbar, pbar, []))
 
 
 class _IncrementalSolve(torch.autograd.Function):
@@ -573,14 +571,15 @@ class _IncrementalSolve(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         result = made._incremental_pass(flat, solve, context, chunk, batch_shape, keep=True)
         ctx.made, ctx.solve, ctx.chunk, ctx.batch_shape, ctx.result = made, solve, chunk, batch_shape, result  # type: ignore[attr-defined]
-        ctx.save_for_backward(flat, context, *params)  # type: ignore[attr-defined]
-        return made._natural(result)
+        x, out = made._natural(result)
+        ctx.save_for_backward(flat, context, x, *params)  # type: ignore[attr-defined]
+        return x, out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: object, grad_x: Tensor | None, grad_out: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         made: MADE = ctx.made  # type: ignore[attr-defined]
-        flat, context, *params = ctx.saved_tensors  # type: ignore[attr-defined]
+        flat, context, x, *params = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         result: _Pass = ctx.result  # type: ignore[attr-defined]
         gbar, pbar = made._incremental_backward(flat, result, ctx.solve, ctx.chunk, grad_x, grad_out)  # type: ignore[attr-defined]
@@ -589,11 +588,10 @@ class _IncrementalSolve(torch.autograd.Function):
         grads: dict[int, Tensor | None] = {}
         if wanted:
             with torch.enable_grad():
-                x = made._natural(result)[0]
                 ctx_flat = None
                 if context is not None:
                     ctx_flat = context.expand(*ctx.batch_shape, context.shape[-1]).reshape(-1, context.shape[-1])  # type: ignore[attr-defined]
-                out = made(x, ctx_flat)
+                out = made(x.detach(), ctx_flat)  # the solution as a constant: its own graph is this pass
                 found = torch.autograd.grad(out, wanted, pbar, allow_unused=True)
             grads = {id(t): g for t, g in zip(wanted, found)}
         return (
