@@ -73,6 +73,7 @@ class _Pass(NamedTuple):
     x: Tensor  # (D, n): position j of the order in row j
     out: Tensor  # (D * P, n): row j * P + p is parameter p of position j
     pre: list[Tensor]  # per hidden layer, (H_l, n) pre-activations (kept for the backward pass only)
+    acts: list[Tensor]  # per hidden layer, (H_l, n) activations (kept for the backward pass only)
 
 
 class MaskedLinear(nn.Linear):
@@ -240,9 +241,10 @@ class MADE(nn.Module):
         Gradients come from a hand-written backward pass: the solution's cotangent
         solves the transposed triangular system ``x̄ = L_x + (∂MADE/∂x)^T p̄``,
         ``p̄ = L_p + (∂solve/∂params) x̄``, in reverse order and incrementally (the
-        transpose of the forward pass, chunked the same way), and the parameters'
-        and the context's gradients are ``p̄``'s vector-Jacobian product with one
-        parallel MADE pass at the solution. Both methods give the same numbers and
+        transpose of the forward pass, chunked the same way). That pass leaves every
+        layer's output cotangent, so the parameters' and the context's gradients are
+        one outer product per layer with the activations the forward pass kept (no
+        second network pass). Both methods give the same numbers and
         gradients up to float rounding; the incremental one is not twice
         differentiable. ``solve`` and the activations must be element-wise (as a
         MADE needs anyway).
@@ -455,7 +457,7 @@ class MADE(nn.Module):
                     if keep:
                         pre[i].append(h)
                     units[i].append(acts[i](h))
-        return _Pass(x_rows.buffer, out_rows, [p.buffer for p in pre])
+        return _Pass(x_rows.buffer, out_rows, [p.buffer for p in pre], [u.buffer for u in units] if keep else [])
 
     def _incremental_backward(
         self,
@@ -465,16 +467,17 @@ class MADE(nn.Module):
         chunk: int | None,
         grad_x: Tensor | None,
         grad_out: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
-        """Cotangents of the given side and of the MADE output at the solution, in one reverse pass.
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Cotangents of the given side, of the MADE output and of the pre-activations, in one reverse pass.
 
         With ``s_g, s_p`` the element-wise partials of ``solve`` and ``M`` the MADE, the
         solution's cotangent solves the triangular system ``x̄ = L_x + (∂M/∂x)^T p̄``,
         ``p̄ = L_p + s_p x̄``. Position ``j`` of ``x̄`` is final once the units of degree
         ``> j`` have passed their cotangents down, so the system is solved in reverse order,
         block by block, as the transpose of the forward pass (chunked the same way). Returns
-        ``(ḡ, p̄)`` in the input layout; the parameters' gradients are ``p̄``'s vector-Jacobian
-        product with one parallel MADE pass at the solution.
+        ``(ḡ, p̄)`` in the input layout and the pre-activations' cotangents ``h̄_l`` (units
+        in degree order, ``(H_l, n)``), from which :meth:`_weight_grads` reads the
+        parameters' gradients.
         """
         D, P = self.input_dim, self.num_params
         s = self._structure()
@@ -546,7 +549,36 @@ class MADE(nn.Module):
                         abar[i - 1][:k].addmm_(hidden[i - 1][b[c] : b[end], :k].t(), block)
                 else:
                     xbar[:c].addmm_(w_in[b[c] : b[end], :c].t(), block)
-        return self._natural(_Pass(s_g * xbar, pbar, []))
+        gbar_natural, pbar_natural = self._natural(_Pass(s_g * xbar, pbar, [], []))
+        return gbar_natural, pbar_natural, hbar
+
+    def _weight_grads(
+        self, x: Tensor, context: Tensor | None, result: _Pass, pbar: Tensor, hbar: list[Tensor]
+    ) -> tuple[dict[int, Tensor], Tensor | None] | None:
+        """The layers' gradients from the backward pass's cotangents and the forward pass's activations.
+
+        A layer ``y = (W ⊙ M) a + b`` with output cotangent ``ȳ`` (``(out, n)``) has
+        ``W̄ = (ȳ aᵀ) ⊙ M`` and ``b̄ = ȳ 1``; the pre-activations' cotangents ``h̄_l`` are
+        the hidden layers' output cotangents (also with residual blocks), ``p̄`` the output
+        layer's, so no second network pass is needed. ``context`` is the flattened ``(n, C)``
+        context or ``None``. Returns the parameters' gradients keyed by ``id`` and the
+        context's gradient (or ``None``), or ``None`` if the MADE has parameters this does
+        not cover (a parametrised activation): those take the parallel pass.
+        """
+        layers = [self.input_layer, *self.hidden_layers, self.output_layer]
+        inputs = [x.t(), *result.acts]  # each layer's input, feature-major
+        cotangents = [*hbar, pbar.t()]
+        grads: dict[int, Tensor] = {}
+        for layer, a, ybar in zip(layers, inputs, cotangents):
+            grads[id(layer.weight)] = torch.mm(ybar, a.t()).mul_(layer.mask)  # type: ignore[operator]
+            grads[id(layer.bias)] = ybar.sum(1)
+        grad_context = None
+        if self.context_layer is not None and context is not None:
+            grads[id(self.context_layer.weight)] = torch.mm(hbar[0], context)
+            grad_context = torch.mm(hbar[0].t(), self.context_layer.weight)
+        if any(id(p) not in grads for p in self.parameters()):
+            return None
+        return grads, grad_context
 
 
 class _IncrementalSolve(torch.autograd.Function):
@@ -554,8 +586,8 @@ class _IncrementalSolve(torch.autograd.Function):
 
     The forward pass runs without autograd, writing into buffers; the backward pass solves
     the transposed triangular system incrementally (:meth:`MADE._incremental_backward`)
-    and gets the parameters' and the context's gradients from one parallel MADE pass at
-    the solution. Not twice differentiable.
+    and reads the parameters' and the context's gradients from its cotangents and the
+    forward pass's activations (:meth:`MADE._weight_grads`). Not twice differentiable.
     """
 
     @staticmethod
@@ -582,18 +614,25 @@ class _IncrementalSolve(torch.autograd.Function):
         flat, context, x, *params = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         result: _Pass = ctx.result  # type: ignore[attr-defined]
-        gbar, pbar = made._incremental_backward(flat, result, ctx.solve, ctx.chunk, grad_x, grad_out)  # type: ignore[attr-defined]
-        # the parameters' and the context's gradients: p̄'s vector-Jacobian product at the solution
+        gbar, pbar, hbar = made._incremental_backward(flat, result, ctx.solve, ctx.chunk, grad_x, grad_out)  # type: ignore[attr-defined]
         wanted = [t for t, need in zip((context, *params), needs[5:]) if need and t is not None]
         grads: dict[int, Tensor | None] = {}
         if wanted:
-            with torch.enable_grad():
+            with torch.enable_grad():  # the fallback below differentiates through this
                 ctx_flat = None
                 if context is not None:
                     ctx_flat = context.expand(*ctx.batch_shape, context.shape[-1]).reshape(-1, context.shape[-1])  # type: ignore[attr-defined]
-                out = made(x.detach(), ctx_flat)  # the solution as a constant: its own graph is this pass
-                found = torch.autograd.grad(out, wanted, pbar, allow_unused=True)
-            grads = {id(t): g for t, g in zip(wanted, found)}
+            direct = made._weight_grads(x, ctx_flat, result, pbar, hbar)
+            if direct is not None:
+                grads = dict(direct[0])
+                if context is not None and direct[1] is not None:
+                    grad_context = direct[1].reshape(*ctx.batch_shape, -1)  # type: ignore[attr-defined]
+                    grads[id(context)] = grad_context.sum_to_size(context.shape)
+            else:  # p̄'s vector-Jacobian product with one parallel MADE pass at the solution
+                with torch.enable_grad():
+                    out = made(x.detach(), ctx_flat)  # the solution as a constant: its own graph is this pass
+                    found = torch.autograd.grad(out, wanted, pbar, allow_unused=True)
+                grads = {id(t): g for t, g in zip(wanted, found)}
         return (
             None,
             None,
