@@ -94,6 +94,7 @@ def worker(args: argparse.Namespace) -> None:
     record = {
         "data": args.data,
         "config": args.config,
+        "seed": args.seed,
         "device": str(device),
         "steps": trainer.steps,
         "curve": run.curve,
@@ -110,22 +111,22 @@ def worker(args: argparse.Namespace) -> None:
 
 def launch(args: argparse.Namespace, folder: Path) -> list[dict]:
     """Run every (data set, configuration) in its own process, at most ``args.jobs`` at once."""
-    jobs = [(data, config) for data in args.data for config in args.configs]
+    jobs = [(data, config, seed) for seed in args.seeds for data in args.data for config in args.configs]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pending, records = list(jobs), []
     running: list[tuple[subprocess.Popen[bytes], Path, IO[str]]] = []
     shared = [
         *("--device", args.device, "--steps", str(args.steps), "--batch", str(args.batch)),
         *("--lr", str(args.lr), "--eval-every", str(args.eval_every), "--n-test", str(args.n_test)),
-        *("--budget-s", str(args.budget_s), "--seed", str(args.seed)),
+        *("--budget-s", str(args.budget_s)),
     ]
     while pending or running:
         while pending and len(running) < args.jobs:
-            data, config = pending.pop(0)
-            record = folder / f"{data}-{config}.json"
-            command = [sys.executable, __file__, "--worker", "--data", data, "--config", config]
+            data, config, seed = pending.pop(0)
+            record = folder / f"{data}-{config}-{seed}.json"
+            command = [sys.executable, __file__, "--worker", "--data", data, "--config", config, "--seed", str(seed)]
             command += [*shared, "--record", str(record)]
-            out: IO[str] = open(folder / f"{data}-{config}.log", "w")  # noqa: SIM115
+            out: IO[str] = open(folder / f"{data}-{config}-{seed}.log", "w")  # noqa: SIM115
             running.append((subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT), record, out))
         time.sleep(0.2)
         for item in list(running):
@@ -151,12 +152,13 @@ def report(records: list[dict], args: argparse.Namespace) -> str:
         f"evaluation NFE with dopri5 at rtol = atol = {TOL} on {args.n_test} held-out points. "
         "Target = the worst of the runs' best test NLL.",
         "",
-        "| data | run | steps | NLL @ S | eval NFE @ S | NFE ratio | train NFE / step | ms / step | "
+        "| data | seed | run | steps | NLL @ S | eval NFE @ S | NFE ratio | train NFE / step | ms / step | "
         "ms / NFE | target | step to target | train s to target | train NFE to target |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for data in args.data:
-        runs = [r for r in records if r["data"] == data]
+    groups = [(data, seed) for seed in args.seeds for data in args.data]
+    for data, seed in groups:
+        runs = [r for r in records if r["data"] == data and r["seed"] == seed]
         if not runs:
             continue
         common = min(r["curve"][-1][0] for r in runs)  # the last step every run evaluated (S)
@@ -170,10 +172,55 @@ def report(records: list[dict], args: argparse.Namespace) -> str:
             reached = next((f"{p[0]} | {p[1]:.1f} | {p[2]}" for p in points if p[3] <= target), "— | — | —")
             steps = f"{r['steps']} (stopped: {r['error']})" if r["error"] else str(r["steps"])
             lines.append(
-                f"| {data} | {r['config']} | {steps} | {point[3]:.3f} (S={point[0]}) | {point[4]} | {ratio} | "
+                f"| {data} | {seed} | {r['config']} | {steps} | {point[3]:.3f} (S={point[0]}) | {point[4]} | {ratio} | "
                 f"{r['nfe_train']:.0f} | {r['ms_per_step']:.1f} | {r['ms_per_nfe']:.2f} | {target:.3f} | {reached} |"
             )
+    lines += ["", *pairwise(records, groups)]
     return "\n".join(lines) + "\n"
+
+
+def _first_reaching(points: list[list[float]], target: float) -> list[float] | None:
+    return next((p for p in points if p[0] > 0 and p[3] <= target), None)
+
+
+def pairwise(records: list[dict], groups: list[tuple[str, int]]) -> list[str]:
+    """Each run against the unregularised ``ffjord`` run of the same data and seed, at a common NLL.
+
+    The target is the worse of the two runs' best test NLL, so both reach it; the table gives what
+    each spent to get there (training NFE, training seconds) and the evaluation NFE of the test solve
+    at that point, with the ratios ffjord / run (above 1: the run is cheaper).
+    """
+    lines = [
+        "Against plain FFJORD (same data and seed): target = the worse of the two runs' best test NLL; "
+        "ratios are ffjord / run.",
+        "",
+        "| data | seed | run | target NLL | train NFE to target (ffjord → run) | ratio | "
+        "train s to target (ffjord → run) | ratio | eval NFE there (ffjord → run) | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for data, seed in groups:
+        runs = {r["config"]: r for r in records if r["data"] == data and r["seed"] == seed}
+        base = runs.get("ffjord")
+        if base is None:
+            continue
+        for config, r in runs.items():
+            if config == "ffjord":
+                continue
+            best = [
+                min((p[3] for p in run["curve"] if p[0] > 0 and math.isfinite(p[3])), default=math.nan)
+                for run in (base, r)
+            ]
+            target = max(best)
+            a, b = _first_reaching(base["curve"], target), _first_reaching(r["curve"], target)
+            if a is None or b is None:
+                lines.append(f"| {data} | {seed} | {config} | {target:.3f} | — | — | — | — | — | — |")
+                continue
+            lines.append(
+                f"| {data} | {seed} | {config} | {target:.3f} | {a[2]} → {b[2]} | {a[2] / max(1, b[2]):.2f}x | "
+                f"{a[1]:.1f} → {b[1]:.1f} | {a[1] / max(1e-9, b[1]):.2f}x | {a[4]} → {b[4]} | "
+                f"{a[4] / max(1, b[4]):.2f}x |"
+            )
+    return lines
 
 
 def plot(records: list[dict], datasets: list[str], path: Path) -> None:
@@ -186,10 +233,12 @@ def plot(records: list[dict], datasets: list[str], path: Path) -> None:
     datasets = [d for d in datasets if any(r["data"] == d for r in records)]
     fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.2 * len(datasets)), squeeze=False)
     for row, data in zip(axes, datasets):
+        several = len({r["seed"] for r in records}) > 1
         for r in (r for r in records if r["data"] == data):
             steps = [p[0] for p in r["curve"]]
-            row[0].plot(steps, [p[3] for p in r["curve"]], label=r["config"])
-            row[1].plot(steps, [p[4] for p in r["curve"]], label=r["config"])
+            label = f"{r['config']} (seed {r['seed']})" if several else r["config"]
+            row[0].plot(steps, [p[3] for p in r["curve"]], label=label)
+            row[1].plot(steps, [p[4] for p in r["curve"]], label=label)
         nll = [p[3] for r in records if r["data"] == data for p in r["curve"] if p[0] > 0]
         if nll:
             low = min(nll)
@@ -215,7 +264,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--budget-s", type=float, default=math.inf, help="wall seconds per run (it still reports)")
     parser.add_argument("--jobs", type=int, default=0, help="processes at once (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the seed of a run (with --seeds: ignored)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run every configuration once per seed")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--plot", type=Path, default=None, help="write the PNG here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -226,16 +276,20 @@ def main(argv: list[str] | None = None) -> str:
         args.data = args.data if isinstance(args.data, str) else args.data[0]
         worker(args)
         return ""
+    args.seeds = args.seeds or [args.seed]
     for config in args.configs:
         config_options(config)  # a bad name fails here, not in every worker
     for data in args.data:
         make_data(data)
     if args.smoke_test:
         args.data, args.steps, args.batch, args.eval_every, args.n_test = args.data[:1], 2, 16, 1, 32
-    args.jobs = args.jobs or len(args.data) * len(args.configs)
+    runs = len(args.data) * len(args.configs) * len(args.seeds)
+    args.jobs = args.jobs or runs
     with tempfile.TemporaryDirectory() as folder:
         records = launch(args, Path(folder))
-    records.sort(key=lambda r: (args.data.index(r["data"]), args.configs.index(r["config"])))
+    records.sort(
+        key=lambda r: (args.seeds.index(r["seed"]), args.data.index(r["data"]), args.configs.index(r["config"]))
+    )
     text = report(records, args)
     print(text, flush=True)
     if args.out is not None:
@@ -243,8 +297,8 @@ def main(argv: list[str] | None = None) -> str:
         args.out.write_text(text)
     if args.plot is not None and records:
         plot(records, args.data, args.plot)
-    if len(records) < len(args.data) * len(args.configs):
-        raise SystemExit(f"{len(args.data) * len(args.configs) - len(records)} run(s) failed")
+    if len(records) < runs:
+        raise SystemExit(f"{runs - len(records)} run(s) failed")
     return text
 
 

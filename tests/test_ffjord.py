@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -428,11 +429,17 @@ def test_benchmark_smoke_test_runs() -> None:
     assert "pyro_nf" in result.stdout and "zuko" in result.stdout and "torchdiffeq" in result.stdout
     assert "| gmm8 | zuko |" in result.stdout  # the D = 8 known-density row
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "rnode.py"), "--smoke-test", "--configs", "ffjord", "rk4-rnode-1"],
+        [
+            *(sys.executable, str(ROOT / "benchmarks" / "rnode.py"), "--smoke-test"),
+            *("--configs", "ffjord", "rk4-rnode-1", "--seeds", "0", "1"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| 8gaussians | ffjord |" in result.stdout and "| 8gaussians | rk4-rnode-1 |" in result.stdout
+    for seed in (0, 1):
+        assert f"| 8gaussians | {seed} | ffjord | 2 |" in result.stdout
+        # the pairwise table: rk4-rnode-1 against ffjord of the same seed, at a common NLL
+        assert re.search(rf"\| 8gaussians \| {seed} \| rk4-rnode-1 \| [\d.]+ \| \d+ → \d+ \| [\d.]+x \|", result.stdout)
