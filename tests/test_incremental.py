@@ -156,6 +156,23 @@ def test_backward_runs_no_made_pass():
     assert context.grad is not None and all(p.grad is not None for p in made.parameters())
 
 
+def test_frozen_parameters_get_no_gradient():
+    made = make_made(5, [16, 16], torch.float64, context_dim=CONTEXT_DIM)
+    made.input_layer.weight.requires_grad_(False)
+    context = torch.randn(3, CONTEXT_DIM, dtype=torch.float64)  # no gradient wanted either
+    given = torch.randn(3, 5, dtype=torch.float64)
+    grads = {}
+    for method in ("reference", "incremental"):
+        for p in made.parameters():
+            p.grad = None
+        x, params = made.sequential(given, affine_solve(False), context, method=method)
+        (x.sum() + params.tanh().sum()).backward()
+        assert made.input_layer.weight.grad is None
+        grads[method] = [p.grad.clone() for p in made.parameters() if p.requires_grad]
+    for g_ref, g in zip(grads["reference"], grads["incremental"]):
+        assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
 def test_parametrised_activation_gradients_match_reference():
     """An activation with parameters (PReLU) takes the parallel pass for the gradients."""
     made = make_made(5, [16, 16], torch.float64, activation=torch.nn.PReLU, context_dim=CONTEXT_DIM)

@@ -639,6 +639,6 @@ class _IncrementalSolve(torch.autograd.Function):
             None,
             None,
             gbar if needs[4] else None,
-            grads.get(id(context)) if context is not None else None,
-            *(grads.get(id(p)) for p in params),
+            grads.get(id(context)) if context is not None and needs[5] else None,
+            *(grads.get(id(p)) if need else None for p, need in zip(params, needs[6:])),
         )
