@@ -443,3 +443,16 @@ def test_benchmark_smoke_test_runs() -> None:
         assert f"| 8gaussians | {seed} | ffjord | 2 |" in result.stdout
         # the pairwise table: rk4-rnode-1 against ffjord of the same seed, at a common NLL
         assert re.search(rf"\| 8gaussians \| {seed} \| rk4-rnode-1 \| [\d.]+ \| \d+ → \d+ \| [\d.]+x \|", result.stdout)
+
+
+def test_overhead_benchmark_smoke_test_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ode_overhead.py"), "--smoke-test"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in ("torchdiffeq dopri5, one packed tensor", "zuko odeint", "pyro_nf ODENet, softplus", "zuko CNF field"):
+        assert re.search(rf"\| {row}[^|]* \|( \d+ \|)? \d+\.\d{{3}} \|", result.stdout), row
