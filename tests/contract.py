@@ -26,7 +26,14 @@ from pyro_nf.transforms import (
     realnvp,
 )
 from pyro_nf.transforms.continuous import FFJORD, conditional_ffjord, ffjord, ffjord_multiscale
-from pyro_nf.transforms.glow import actnorm, glow, glow_step, invertible_conv1x1
+from pyro_nf.transforms.glow import (
+    ConditionalLatentAffine,
+    actnorm,
+    conditional_glow,
+    glow,
+    glow_step,
+    invertible_conv1x1,
+)
 from pyro_nf.transforms.multiscale import (
     FactorOut,
     image_coupling,
@@ -147,6 +154,19 @@ CASES: list[Case] = [
     Case("glow", lambda s: glow(s, levels=2, depth=2, hidden_channels=8), shape=(1, 4, 4), vector=False),
     Case(
         "glow-additive-plain", lambda s: glow(s, 2, 1, 8, coupling="additive", lu=False), shape=(1, 4, 4), vector=False
+    ),
+    Case(
+        "conditional_glow",
+        lambda s: conditional_glow(s, CONTEXT_DIM, levels=2, depth=2, hidden_channels=8),
+        shape=(1, 4, 4),
+        vector=False,
+        context_dim=CONTEXT_DIM,
+    ),
+    Case(
+        "conditional_latent_affine",
+        lambda s: ConditionalLatentAffine(s, CONTEXT_DIM),
+        context_dim=CONTEXT_DIM,
+        networks=False,
     ),
     Case(
         "realnvp_multiscale",

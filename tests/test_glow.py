@@ -8,8 +8,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_nf import FlowModel
-from pyro_nf.transforms import ActNorm, InvertibleConv1x1, glow
+from pyro_nf import ConditionalFlowModel, FlowModel
+from pyro_nf.transforms import ActNorm, ConditionalLatentAffine, InvertibleConv1x1, conditional_glow, glow
 
 
 def test_actnorm_initialises_on_the_first_training_batch_only() -> None:
@@ -112,3 +112,44 @@ def test_glow_density_is_a_transformed_distribution() -> None:
     z, log_det = flow.inverse_and_log_det(x)
     assert d.event_shape == (2, 4, 4)
     assert torch.allclose(d.log_prob(x), base.log_prob(z) - log_det, atol=1e-5)
+
+
+def test_conditional_glow_learns_which_class_an_image_belongs_to() -> None:
+    """Two classes of 4x4 images (bright and dark halves swapped): after training, each test image is
+    more likely under its own label than under the other."""
+    torch.manual_seed(0)
+    shape = (1, 4, 4)
+    pattern = torch.zeros(shape)
+    pattern[..., :2] = 1.0
+
+    def images(labels: torch.Tensor) -> torch.Tensor:
+        means = torch.where(labels.bool()[:, None, None, None], pattern, 1.0 - pattern)
+        return means + 0.3 * torch.randn(len(labels), *shape)
+
+    model = ConditionalFlowModel(conditional_glow(shape, 2, levels=1, depth=2, hidden_channels=16), shape, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        labels = torch.randint(0, 2, (128,))
+        loss = -model.log_prob(images(labels), torch.nn.functional.one_hot(labels, 2).float()).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    labels = torch.randint(0, 2, (200,))
+    x = images(labels)
+    own = model.log_prob(x, torch.nn.functional.one_hot(labels, 2).float())
+    other = model.log_prob(x, torch.nn.functional.one_hot(1 - labels, 2).float())
+    assert (own > other).float().mean() > 0.95
+    samples = model.condition(torch.eye(2)).sample((200,))  # (200, 2, 1, 4, 4): class 0 and class 1
+    left, right = samples[..., :2].mean(dim=(0, 2, 3, 4)), samples[..., 2:].mean(dim=(0, 2, 3, 4))
+    assert left[0] < right[0] and left[1] > right[1]  # class 1 is bright on the left
+
+
+def test_conditional_prior_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="context_dim"):
+        ConditionalLatentAffine((1, 4, 4), 0)
+    with pytest.raises(ValueError, match="event_shape"):
+        ConditionalLatentAffine((1, 0, 4), 2)
+    with pytest.raises(ValueError, match="context"):
+        ConditionalLatentAffine((1, 4, 4), 2).condition(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="levels"):
+        conditional_glow((1, 4, 4), 2, levels=3)

@@ -111,3 +111,12 @@ def test_throughput_builds_the_default_mnist_glow(tmp_path: Path) -> None:
     assert set(rows) == {"pyro_nf", "normflows", "nflows"}
     assert rows["pyro_nf"][0] == 2780492  # glow((1, 28, 28), levels=2, depth=16, hidden_channels=256)
     assert all(rate > 0 for _, rate in rows.values())
+
+
+def test_class_conditional_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "conditional.md"
+    _run_benchmark(tmp_path, "--class-conditional", "--smoke-test", "--output", str(out))
+    rows = {r[0]: r[1:] for r in _table_rows(out)}
+    assert set(rows) == {"glow, p(x)", "conditional_glow, p(x given y)"}
+    assert 0 < float(rows["glow, p(x)"][0]) < 10 and 0 < float(rows["conditional_glow, p(x given y)"][0]) < 10
+    assert 0 <= float(rows["conditional_glow, p(x given y)"][1]) <= 1  # the accuracy of argmax_y p(x | y)

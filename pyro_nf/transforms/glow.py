@@ -9,7 +9,8 @@ a :class:`GlowStep` applies the coupling first and ActNorm last.
 :func:`glow` stacks ``depth`` steps per level over ``levels`` levels of
 RealNVP's multiscale architecture with Glow's learned prior for the
 factored-out channels, as one bijection over ``(C, H, W)``
-(see :mod:`pyro_nf.transforms.multiscale`).
+(see :mod:`pyro_nf.transforms.multiscale`). :func:`conditional_glow` is its
+class-conditional form: Glow with a prior whose mean and scale depend on a context.
 
 Why not Pyro's ``GeneralizedChannelPermute``: it is the same LU form, but it
 stores ``U`` densely, so the diagonal of ``U`` can cross zero during training
@@ -27,15 +28,17 @@ Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", Neu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from pyro.distributions import ConditionalTransformModule
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule
-from pyro_nf.transforms.affine import Scale
+from pyro_nf.core import ConditionalFlowStack, FlowStack, FlowTransform, FlowTransformModule, check_context
+from pyro_nf.transforms.affine import Scale, check_scale, shift_and_log_scale
 from pyro_nf.transforms.multiscale import (
     Coupling,
     check_image_shape,
@@ -339,3 +342,148 @@ def glow(
     if not isinstance(inner, FlowStack):  # levels >= 1, so the loop ran
         raise RuntimeError("glow: no level was built")
     return inner
+
+
+class ConditionedLatentAffine(FlowTransform):
+    """The base-side affine map ``z = mu(c) + exp(alpha(c)) ⊙ eps`` of :class:`ConditionalLatentAffine` at one context.
+
+    ``(mu, alpha)`` come from one linear map of the context, element by element over
+    the event; ``log|det| = sum alpha(c)``. Both directions are one element-wise map.
+    """
+
+    parallel = "both"
+
+    def __init__(
+        self,
+        net: nn.Linear,
+        event_shape: tuple[int, ...],
+        context: Tensor,
+        scale: Scale = "softclamp",
+        log_scale_bound: float = 3.0,
+        cache_size: int = 1,
+    ) -> None:
+        super().__init__(cache_size=cache_size)
+        self.net = net
+        self.input_shape = event_shape
+        self.context = context
+        self.scale = scale
+        self.log_scale_bound = log_scale_bound
+        self.domain = self.codomain = constraints.independent(constraints.real, len(event_shape))
+
+    def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
+        return (self.net, self.context)
+
+    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, torch.Size]:
+        k = len(self.input_shape)
+        raw = self.net(self.context).unflatten(-1, (2, *self.input_shape))
+        mu, alpha = shift_and_log_scale(*raw.unbind(-k - 1), self.scale, self.log_scale_bound)
+        batch = torch.broadcast_shapes(x.shape[: x.dim() - k], alpha.shape[: alpha.dim() - k])
+        return mu, alpha, batch
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, alpha, batch = self._params(x)
+        return x * alpha.exp() + mu, alpha.flatten(-len(self.input_shape)).sum(-1).expand(batch)
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        mu, alpha, batch = self._params(y)
+        return (y - mu) * (-alpha).exp(), alpha.flatten(-len(self.input_shape)).sum(-1).expand(batch)
+
+
+class ConditionalLatentAffine(ConditionalTransformModule):
+    """Glow's class-conditional prior as a transform on the base side: ``z = mu(c) + exp(alpha(c)) ⊙ eps``.
+
+    With ``eps`` standard Normal this makes the base ``N(mu(c), exp(2 alpha(c)))``, one
+    mean and log-scale per element of the event, from a linear map of the context
+    ``c`` (a one-hot class label in the Glow paper, any vector here). The map starts
+    at zero, so the prior starts as the standard Normal. Placed first in a stack (base
+    to data), it conditions an unconditional flow such as :func:`glow`.
+
+    Args:
+        event_shape: the shape of the base noise (the image shape ``(C, H, W)`` for Glow).
+        context_dim: size of the context.
+        scale, log_scale_bound: how the raw scale becomes a log-scale
+            (see :func:`~pyro_nf.transforms.affine.shift_and_log_scale`).
+
+    Example::
+
+        >>> prior = ConditionalLatentAffine((1, 2, 2), context_dim=3)
+        >>> y, log_det = prior.condition(torch.eye(3)).forward_and_log_det(torch.randn(3, 1, 2, 2))
+        >>> log_det.tolist()  # zero-initialised: the identity
+        [0.0, 0.0, 0.0]
+    """
+
+    def __init__(
+        self, event_shape: Sequence[int], context_dim: int, scale: Scale = "softclamp", log_scale_bound: float = 3.0
+    ) -> None:
+        super().__init__()
+        shape = tuple(event_shape)
+        if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+            raise ValueError(f"event_shape: expected a non-empty sequence of positive ints, got {event_shape!r}")
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1:
+            raise ValueError(f"context_dim: expected a positive int, got {context_dim!r}")
+        check_scale(scale, log_scale_bound)
+        self.event_shape = shape
+        self.context_dim = context_dim
+        self.scale = scale
+        self.log_scale_bound = log_scale_bound
+        self.net = nn.Linear(context_dim, 2 * math.prod(shape))
+        nn.init.zeros_(self.net.weight)
+        nn.init.zeros_(self.net.bias)
+
+    def condition(self, context: Tensor) -> ConditionedLatentAffine:
+        check_context(context, self.context_dim, self.net.weight)
+        return ConditionedLatentAffine(self.net, self.event_shape, context, self.scale, self.log_scale_bound)
+
+
+def conditional_glow(
+    input_shape: Sequence[int],
+    context_dim: int,
+    levels: int = 3,
+    depth: int = 32,
+    hidden_channels: int = 512,
+    coupling: Coupling = "affine",
+    *,
+    lu: bool = True,
+    learned_prior: bool = True,
+    scale: Scale = "softclamp",
+    log_scale_bound: float = 3.0,
+) -> ConditionalFlowStack:
+    """Class-conditional Glow: :func:`glow` over a prior that depends on a context.
+
+    As in the Glow paper's class-conditional models, the context conditions the prior,
+    not the couplings: :class:`ConditionalLatentAffine` maps the standard Normal base
+    noise to ``N(mu(c), exp(2 alpha(c)))`` (one mean and log-scale per element, a
+    zero-initialised linear map of the context ``c``), then the unconditional Glow maps it to
+    the image. ``.condition(c)`` gives the transform at a context; the context's batch shape
+    broadcasts against the images'. Sampling at temperature ``T`` scales the base noise,
+    so the conditional prior's standard deviation, by ``T``.
+
+    Args:
+        input_shape, levels, depth, hidden_channels, coupling, lu, learned_prior, scale,
+            log_scale_bound: as in :func:`glow` (``scale`` and ``log_scale_bound`` also set the
+            prior's).
+        context_dim: size of the context (the number of classes for one-hot labels).
+
+    Example::
+
+        >>> from pyro_nf import ConditionalFlowModel
+        >>> flow = conditional_glow((1, 8, 8), context_dim=10, levels=2, depth=2, hidden_channels=16)
+        >>> model = ConditionalFlowModel(flow, (1, 8, 8), context_dim=10)
+        >>> labels = torch.nn.functional.one_hot(torch.tensor([3, 7]), 10).float()
+        >>> model.log_prob(torch.randn(2, 1, 8, 8), labels).shape
+        torch.Size([2])
+        >>> model.condition(labels).sample((5,)).shape
+        torch.Size([5, 2, 1, 8, 8])
+    """
+    flow = glow(
+        input_shape,
+        levels,
+        depth,
+        hidden_channels,
+        coupling,
+        lu=lu,
+        learned_prior=learned_prior,
+        scale=scale,
+        log_scale_bound=log_scale_bound,
+    )
+    return ConditionalFlowStack([ConditionalLatentAffine(input_shape, context_dim, scale, log_scale_bound), flow])
