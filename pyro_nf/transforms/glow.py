@@ -459,10 +459,10 @@ def conditional_glow(
     so the conditional prior's standard deviation, by ``T``.
 
     Args:
-        input_shape, levels, depth, hidden_channels, coupling, lu, learned_prior, scale,
-            log_scale_bound: as in :func:`glow` (``scale`` and ``log_scale_bound`` also set the
-            prior's).
+        input_shape: the image shape ``(C, H, W)``; H and W divisible by ``2 ** levels``.
         context_dim: size of the context (the number of classes for one-hot labels).
+        levels, depth, hidden_channels, coupling, lu, learned_prior: as in :func:`glow`.
+        scale, log_scale_bound: as in :func:`glow`; they also set the prior's scale.
 
     Example::
 
