@@ -87,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
                 break
         if trainer.run.curve[-1][0] != trainer.steps:
             trainer.evaluate(test)
-    except (AssertionError, RuntimeError) as exc:  # e.g. torchdiffeq's "underflow in dt": keep what was measured
+    except (AssertionError, RuntimeError, ValueError) as exc:  # "underflow in dt", a non-finite state: keep the curve
         error = f"{type(exc).__name__}: {exc}"[:80]
         print(f"{args.data} {args.config} stopped at step {trainer.steps}: {error}", flush=True)
     run, nan = trainer.run, math.nan
