@@ -417,42 +417,31 @@ def test_bad_construction_gets_a_clear_error() -> None:
         FFJORD(nn.Linear(2, 2))  # type: ignore[arg-type]
 
 
+def _benchmark(script: str, *args: str) -> str:
+    """Run ``benchmarks/<script>`` with ``args``; its standard output (the run must succeed)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_benchmark_smoke_test_runs() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "ffjord.py"), "--smoke-test"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "pyro_nf" in result.stdout and "zuko" in result.stdout and "torchdiffeq" in result.stdout
-    assert "| gmm8 | zuko |" in result.stdout  # the D = 8 known-density row
-    result = subprocess.run(
-        [
-            *(sys.executable, str(ROOT / "benchmarks" / "rnode.py"), "--smoke-test"),
-            *("--configs", "ffjord", "rk4-rnode-1", "--seeds", "0", "1"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = _benchmark("ffjord.py", "--smoke-test")
+    assert "pyro_nf" in out and "zuko" in out and "torchdiffeq" in out
+    assert "| gmm8 | zuko |" in out  # the D = 8 known-density row
+    out = _benchmark("rnode.py", "--smoke-test", "--configs", "ffjord", "rk4-rnode-1", "--seeds", "0", "1")
     for seed in (0, 1):
-        assert f"| 8gaussians | {seed} | ffjord | 2 |" in result.stdout
+        assert f"| 8gaussians | {seed} | ffjord | 2 |" in out
         # the pairwise table: rk4-rnode-1 against ffjord of the same seed, at a common NLL
-        assert re.search(rf"\| 8gaussians \| {seed} \| rk4-rnode-1 \| [\d.]+ \| \d+ → \d+ \| [\d.]+x \|", result.stdout)
+        assert re.search(rf"\| 8gaussians \| {seed} \| rk4-rnode-1 \| [\d.]+ \| \d+ → \d+ \| [\d.]+x \|", out)
 
 
 def test_overhead_benchmark_smoke_test_runs() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "ode_overhead.py"), "--smoke-test"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = _benchmark("ode_overhead.py", "--smoke-test")
     for row in ("torchdiffeq dopri5, one packed tensor", "zuko odeint", "pyro_nf ODENet, softplus", "zuko CNF field"):
-        assert re.search(rf"\| {row}[^|]* \|( \d+ \|)? \d+\.\d{{3}} \|", result.stdout), row
+        assert re.search(rf"\| {row}[^|]* \|( \d+ \|)? \d+\.\d{{3}} \|", out), row
