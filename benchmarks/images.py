@@ -54,6 +54,7 @@ from pyro_nf import ConditionalFlowModel, FlowModel
 from pyro_nf.core import ConditionalFlowStack, FlowStack
 from pyro_nf.data.images import load_digits, load_mnist
 from pyro_nf.metrics import bits_per_dim
+from pyro_nf.plotting import plot_image_grids
 from pyro_nf.transforms import conditional_glow, dequantize, glow
 
 SHAPE = (1, 8, 8)
@@ -232,7 +233,13 @@ def class_conditional(args: argparse.Namespace) -> str:
         if args.out_dir and not args.smoke_test:
             torch.manual_seed(args.seed)
             samples = conditional.condition(onehot).sample((8,), temperature=0.7)  # (8, classes, 1, 8, 8)
-            _save_grid(samples.transpose(0, 1).clamp(0, 1), Path(args.out_dir) / "class_conditional_samples.png")
+            rows = samples.transpose(0, 1).reshape(-1, *SHAPE).clamp(0, 1) * 16  # one row per class, in pixel levels
+            plot_image_grids(
+                {"T = 0.7, one row per class 0-9": rows},
+                Path(args.out_dir) / "class_conditional_samples.png",
+                n_levels=17,
+                per_row=8,
+            )
     lines = [
         f"Class-conditional Glow on 8x8 digits: {LEVELS} levels x depth {args.depth}, hidden {args.hidden}, batch "
         f"{args.batch_size}, {args.steps} Adam steps (lr {args.lr}) for each model on the same batches, "
@@ -248,25 +255,6 @@ def class_conditional(args: argparse.Namespace) -> str:
     if args.output:
         Path(args.output).write_text(table + "\n")
     return table
-
-
-def _save_grid(images: Tensor, path: Path) -> None:
-    """Save ``(rows, cols, 1, H, W)`` images in ``[0, 1]`` as one grayscale PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = images.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6), squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            axes[r][c].imshow(images[r, c, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-            axes[r][c].axis("off")
-    fig.tight_layout(pad=0.1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 MNIST_SHAPE = (1, 28, 28)

@@ -163,7 +163,7 @@ def report(records: list[dict], args: argparse.Namespace) -> str:
             continue
         common = min(r["curve"][-1][0] for r in runs)  # the last step every run evaluated (S)
         at_common = {r["config"]: max((p for p in r["curve"] if p[0] <= common), key=lambda p: p[0]) for r in runs}
-        trained = [[p for p in r["curve"] if p[0] > 0 and math.isfinite(p[3])] for r in runs]
+        trained = [_trained(r["curve"]) for r in runs]
         target = max((min(p[3] for p in points) for points in trained if points), default=math.nan)
         baseline = at_common.get("ffjord")
         for r, points in zip(runs, trained):
@@ -179,8 +179,13 @@ def report(records: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _first_reaching(points: list[list[float]], target: float) -> list[float] | None:
-    return next((p for p in points if p[0] > 0 and p[3] <= target), None)
+def _trained(curve: list[list[float]]) -> list[list[float]]:
+    """The evaluations after training started (step > 0) with a finite test NLL."""
+    return [p for p in curve if p[0] > 0 and math.isfinite(p[3])]
+
+
+def _first_reaching(curve: list[list[float]], target: float) -> list[float] | None:
+    return next((p for p in _trained(curve) if p[3] <= target), None)
 
 
 def pairwise(records: list[dict], groups: list[tuple[str, int]]) -> list[str]:
@@ -206,10 +211,7 @@ def pairwise(records: list[dict], groups: list[tuple[str, int]]) -> list[str]:
         for config, r in runs.items():
             if config == "ffjord":
                 continue
-            best = [
-                min((p[3] for p in run["curve"] if p[0] > 0 and math.isfinite(p[3])), default=math.nan)
-                for run in (base, r)
-            ]
+            best = [min((p[3] for p in _trained(run["curve"])), default=math.nan) for run in (base, r)]
             target = max(best)
             a, b = _first_reaching(base["curve"], target), _first_reaching(r["curve"], target)
             if a is None or b is None:

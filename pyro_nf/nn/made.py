@@ -566,6 +566,11 @@ class MADE(nn.Module):
         not cover (a parametrised activation): those take the parallel pass.
         """
         layers = [self.input_layer, *self.hidden_layers, self.output_layer]
+        covered = {id(p) for layer in layers for p in (layer.weight, layer.bias)}
+        if self.context_layer is not None:
+            covered.add(id(self.context_layer.weight))
+        if any(id(p) not in covered for p in self.parameters()):
+            return None
         inputs = [x.t(), *result.acts]  # each layer's input, feature-major
         cotangents = [*hbar, pbar.t()]
         grads: dict[int, Tensor] = {}
@@ -576,8 +581,6 @@ class MADE(nn.Module):
         if self.context_layer is not None and context is not None:
             grads[id(self.context_layer.weight)] = torch.mm(hbar[0], context)
             grad_context = torch.mm(hbar[0].t(), self.context_layer.weight)
-        if any(id(p) not in grads for p in self.parameters()):
-            return None
         return grads, grad_context
 
 

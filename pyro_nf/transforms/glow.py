@@ -373,20 +373,21 @@ class ConditionedLatentAffine(FlowTransform):
     def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
         return (self.net, self.context)
 
-    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, torch.Size]:
+    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mu, alpha)`` at the context and the log-det over the batch shape shared with ``x``."""
         k = len(self.input_shape)
         raw = self.net(self.context).unflatten(-1, (2, *self.input_shape))
         mu, alpha = shift_and_log_scale(*raw.unbind(-k - 1), self.scale, self.log_scale_bound)
         batch = torch.broadcast_shapes(x.shape[: x.dim() - k], alpha.shape[: alpha.dim() - k])
-        return mu, alpha, batch
+        return mu, alpha, alpha.flatten(-k).sum(-1).expand(batch)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, alpha, batch = self._params(x)
-        return x * alpha.exp() + mu, alpha.flatten(-len(self.input_shape)).sum(-1).expand(batch)
+        mu, alpha, log_det = self._params(x)
+        return x * alpha.exp() + mu, log_det
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        mu, alpha, batch = self._params(y)
-        return (y - mu) * (-alpha).exp(), alpha.flatten(-len(self.input_shape)).sum(-1).expand(batch)
+        mu, alpha, log_det = self._params(y)
+        return (y - mu) * (-alpha).exp(), log_det
 
 
 class ConditionalLatentAffine(ConditionalTransformModule):
