@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--levels", type=int, default=None, help="Glow levels / RealNVP scales (default: by data)")
+    parser.add_argument(
+        "--levels", type=int, default=None, help="squeezes of the image flow (default: by data and flow)"
+    )
     parser.add_argument(
         "--depth", type=int, default=8, help="Glow steps per level / FFJORD CNF blocks per scale (default: %(default)s)"
     )
@@ -75,15 +77,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, shape: tuple[int, int, int]) -> FlowModel:
-    levels = args.levels or (2 if shape[1] <= 8 else 3)
+    small = shape[1] <= 8
     if args.flow == "glow":
+        levels = args.levels or (2 if small else 3)
         flow = glow(shape, levels=levels, depth=args.depth, hidden_channels=args.hidden)
     elif args.flow == "realnvp":
-        flow = realnvp_multiscale(shape, num_scales=levels, hidden_channels=args.hidden, num_blocks=2, actnorm=True)
+        levels = args.levels or (1 if small else 2)
+        flow = realnvp_multiscale(shape, levels=levels, hidden_channels=args.hidden, num_blocks=2, actnorm=True)
     else:  # Hutchinson trace in training and in the test bits/dim (an unbiased estimate)
+        levels = args.levels or (1 if small else 2)
         rtol = 1e-3 if args.smoke_test else 1e-5
         flow = ffjord_multiscale(
-            shape, num_scales=levels, blocks_per_scale=args.depth, hidden_channels=args.hidden, rtol=rtol, atol=rtol
+            shape, levels=levels, blocks_per_scale=args.depth, hidden_channels=args.hidden, rtol=rtol, atol=rtol
         )
     return FlowModel(FlowStack([flow, AffineTransform(0.5, 1.0, event_dim=3)]), shape)
 

@@ -12,7 +12,7 @@ of type, dtype, device and shape cost nothing on the device and always run.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import pyro.distributions
 import torch
@@ -23,6 +23,7 @@ __all__ = [
     "check_context",
     "check_image_shape",
     "check_non_negative_int",
+    "check_options",
     "check_positive_int",
     "check_tensor",
     "set_validation",
@@ -178,3 +179,24 @@ def check_image_shape(shape: object, name: str = "input_shape") -> tuple[int, in
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"{name}: expected an image shape (C, H, W) of three positive ints, got {tuple(shape)!r}")
     return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
+def check_options(factory: str, options: Mapping[str, object], spec: type) -> None:
+    """A ``TypeError`` naming ``factory`` and the options it takes unless every key of ``options`` is in ``spec``.
+
+    ``spec`` is the ``TypedDict`` of the factory's keyword options (its annotations are the names).
+
+    Example::
+
+        >>> from typing import TypedDict
+        >>> class Options(TypedDict, total=False):
+        ...     depth: int
+        >>> check_options("flow", {"deph": 4}, Options)
+        Traceback (most recent call last):
+        ...
+        TypeError: flow: unknown option(s) ['deph']; expected any of ['depth']
+    """
+    known = set(spec.__required_keys__) | set(spec.__optional_keys__)  # type: ignore[attr-defined]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"{factory}: unknown option(s) {unknown}; expected any of {sorted(known)}")

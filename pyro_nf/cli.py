@@ -293,19 +293,16 @@ def _sample(command: SampleArgs) -> int:
 
 def _list() -> int:
     from pyro_nf.data import TOY_DATASETS
-    from pyro_nf.training import FLOWS, IMAGE_DATASETS, available_datasets, available_flows
+    from pyro_nf.training import FLOWS, IMAGE_DATASETS
 
-    flows, datasets = available_flows(), available_datasets()
     print("flows (--flow):")
     for name, spec in FLOWS.items():
-        state = "" if flows[name] else "   [not available in this version]"
-        print(f"  {name:<20} {spec.kind:<7} {spec.summary}{state}")
+        print(f"  {name:<20} {spec.kind:<7} {spec.summary}")
     print("datasets (--data):")
     for name in TOY_DATASETS:
         print(f"  {name:<20} 2D toy density")
     for name, summary in IMAGE_DATASETS.items():
-        state = "" if datasets[name] else "   [not available in this version]"
-        print(f"  {name:<20} {summary}{state}")
+        print(f"  {name:<20} {summary}")
     print("  PATH.npy|.npz|.csv   your own data: (N, D) vectors, or (N, [C,] H, W) images for image flows")
     return 0
 

@@ -20,7 +20,6 @@ never after the parameters (or the context) changed, so users never need
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, NamedTuple
@@ -31,85 +30,9 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
+from pyro_nf.checks import check_context, check_tensor, validation_enabled
+
 Direction = Literal["forward", "inverse", "both"]
-
-_VALIDATE = True
-
-
-def set_validation(enabled: bool) -> None:
-    """Turn the input checks of every pyro_nf transform on (default) or off.
-
-    The checks (shape, dtype, device, finite values) cost one device
-    synchronisation per call on a GPU; switch them off in tuned training loops.
-    """
-    global _VALIDATE
-    _VALIDATE = bool(enabled)
-
-
-def validation_enabled() -> bool:
-    """Whether pyro_nf transforms check their inputs (see :func:`set_validation`)."""
-    return _VALIDATE
-
-
-@contextlib.contextmanager
-def validation(enabled: bool) -> Iterator[None]:
-    """Context manager that sets :func:`set_validation` and restores it afterwards."""
-    old = _VALIDATE
-    set_validation(enabled)
-    try:
-        yield
-    finally:
-        set_validation(old)
-
-
-def check_tensor(
-    value: object,
-    *,
-    name: str,
-    event_shape: Sequence[int] | None = None,
-    like: Tensor | None = None,
-    check_finite: bool = True,
-) -> Tensor:
-    """Check that ``value`` is a finite floating tensor that fits a transform.
-
-    Raises :class:`TypeError` for a non-tensor, an integer or boolean tensor or a
-    floating dtype other than that of ``like``; :class:`ValueError` for a wrong
-    trailing (event) shape, a tensor on another device than ``like``, or NaN / inf
-    entries. Every message names what was expected and what came.
-    """
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(
-            f"{name}: expected a floating-point tensor, got dtype {value.dtype}; convert it with .float() or .double()"
-        )
-    if like is not None:
-        if value.device != like.device:
-            raise ValueError(
-                f"{name}: expected a tensor on device {like.device} (where the transform's "
-                f"parameters are), got one on {value.device}; move it with .to({str(like.device)!r})"
-            )
-        if value.dtype != like.dtype:
-            raise TypeError(f"{name}: expected dtype {like.dtype} (the transform's parameter dtype), got {value.dtype}")
-    if event_shape is not None:
-        event_shape = tuple(event_shape)
-        n = len(event_shape)
-        got = tuple(value.shape[value.dim() - n :]) if value.dim() >= n else tuple(value.shape)
-        if value.dim() < n or got != event_shape:
-            raise ValueError(
-                f"{name}: expected a tensor whose trailing (event) shape is {event_shape}, "
-                f"got shape {tuple(value.shape)}"
-            )
-    if check_finite and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
-        bad = (~torch.isfinite(value)).sum().item()
-        raise ValueError(f"{name}: expected finite values, got {bad} NaN or infinite entries")
-    return value
-
-
-def check_context(context: Tensor, context_dim: int, like: Tensor) -> None:
-    """Validate a context tensor of shape ``(..., context_dim)`` (unless validation is off)."""
-    if _VALIDATE:
-        check_tensor(context, name="context", event_shape=(context_dim,), like=like)
 
 
 def _versions(source: nn.Module | Tensor | None) -> Iterator[object]:
@@ -135,12 +58,14 @@ class _Kept(NamedTuple):
 class FlowTransform(Transform):
     """Base class of every pyro_nf transform: one pass gives value and log-det.
 
-    Subclasses implement :meth:`forward_and_log_det` and
-    :meth:`inverse_and_log_det` and set :attr:`parallel` to the direction that
-    costs one network pass (``"forward"``, ``"inverse"`` or ``"both"``); the
-    log-det of a pair this transform did not compute is recomputed in that
-    direction. ``input_shape`` (the event shape of the domain) enables the input
-    checks; shape-changing subclasses also override ``forward_shape`` and
+    Subclasses implement :meth:`_forward_and_log_det` and :meth:`_inverse_and_log_det`
+    (the math, on inputs already checked) and set :attr:`parallel` to the direction that
+    costs one network pass (``"forward"``, ``"inverse"`` or ``"both"``); the log-det of a
+    pair this transform did not compute is recomputed in that direction. The public
+    :meth:`forward_and_log_det` and :meth:`inverse_and_log_det` check their input, then
+    call them; composites call their parts' unchecked methods, so an input is checked once
+    however deep the stack. ``input_shape`` (the event shape of the domain) enables the
+    shape check; shape-changing subclasses also override ``forward_shape`` and
     ``inverse_shape``.
     """
 
@@ -157,13 +82,29 @@ class FlowTransform(Transform):
         self._kept: _Kept | None = None
 
     # -- the two methods subclasses implement ---------------------------------
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Map base to data: return ``y = f(x)`` and ``log|det df/dx|`` (batch shape)."""
+    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Map base to data: ``y = f(x)`` and ``log|det df/dx|`` (batch shape); ``x`` is already checked."""
         raise NotImplementedError
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Map data to base: return ``x = f^{-1}(y)`` and ``log|det df/dx|`` at that ``x``."""
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Map data to base: ``x = f^{-1}(y)`` and ``log|det df/dx|`` at that ``x``; ``y`` is already checked."""
         raise NotImplementedError
+
+    # -- the fused methods users call -----------------------------------------
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Map base to data: return ``y = f(x)`` and ``log|det df/dx|`` (batch shape), in one pass."""
+        self._check(x, f"{type(self).__name__} input", inverse=False)
+        return self._forward_and_log_det(x)
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Map data to base: return ``x = f^{-1}(y)`` and ``log|det df/dx|`` at that ``x``, in one pass."""
+        self._check(y, f"{type(self).__name__} inverse input", inverse=True)
+        return self._inverse_and_log_det(y)
+
+    @property
+    def sign(self) -> int:
+        """The sign of ``det df/dx``: +1 (orientation preserving) unless a subclass says otherwise."""
+        return 1
 
     # -- what the stamp depends on ---------------------------------------------
     def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
@@ -190,7 +131,7 @@ class FlowTransform(Transform):
         return None
 
     def _check(self, value: Tensor, name: str, inverse: bool) -> None:
-        if not _VALIDATE:
+        if not validation_enabled():
             return
         shape = self.input_shape
         if shape is not None and inverse:
@@ -213,7 +154,6 @@ class FlowTransform(Transform):
         kept = self._valid_kept() if self._cache_size else None
         if kept is not None and x is kept.x:
             return kept.y
-        self._check(x, f"{type(self).__name__} input", inverse=False)
         y, log_det = self.forward_and_log_det(x)
         self._keep(x, y, log_det)
         return y
@@ -222,16 +162,15 @@ class FlowTransform(Transform):
         kept = self._valid_kept() if self._cache_size else None
         if kept is not None and y is kept.y:
             return kept.x
-        self._check(y, f"{type(self).__name__} inverse input", inverse=True)
         x, log_det = self.inverse_and_log_det(y)
         self._keep(x, y, log_det)
         return x
 
     def _call(self, x: Tensor) -> Tensor:
-        return self.forward_and_log_det(x)[0]
+        return self._forward_and_log_det(x)[0]
 
     def _inverse(self, y: Tensor) -> Tensor:
-        return self.inverse_and_log_det(y)[0]
+        return self._inverse_and_log_det(y)[0]
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         """``log|det dy/dx|`` summed over the event dims; served once from the kept pair."""
@@ -240,9 +179,7 @@ class FlowTransform(Transform):
             self._kept = None
             return kept.log_det
         if self.parallel == "inverse":
-            self._check(y, f"{type(self).__name__} inverse input", inverse=True)
             return self.inverse_and_log_det(y)[1]
-        self._check(x, f"{type(self).__name__} input", inverse=False)
         return self.forward_and_log_det(x)[1]
 
     def clear_cache(self) -> None:
@@ -255,7 +192,7 @@ class FlowTransform(Transform):
         inv = self._inv() if self._inv is not None else None
         if inv is None:
             inv = InverseTransformModule(self)
-            self._inv = weakref.ref(inv)
+            self._inv = weakref.ref(inv)  # type: ignore[assignment]
         return inv
 
     def with_cache(self, cache_size: int = 1) -> Transform:
@@ -297,7 +234,7 @@ class InverseTransformModule(FlowTransformModule):
             raise TypeError(f"InverseTransformModule: expected a FlowTransform, got {type(base).__name__}")
         super().__init__(cache_size=base._cache_size)
         self.base = base
-        base._inv = weakref.ref(self)
+        base._inv = weakref.ref(self)  # type: ignore[assignment]
         self.domain = base.codomain
         self.codomain = base.domain
         self.parallel = {"forward": "inverse", "inverse": "forward"}.get(base.parallel, "both")  # type: ignore[assignment]
@@ -320,12 +257,12 @@ class InverseTransformModule(FlowTransformModule):
     def clear_cache(self) -> None:
         self.base.clear_cache()
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, log_det = self.base.inverse_and_log_det(x)
+    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, log_det = self.base._inverse_and_log_det(x)
         return y, -log_det
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x, log_det = self.base.forward_and_log_det(y)
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, log_det = self.base._forward_and_log_det(y)
         return x, -log_det
 
     def forward_shape(self, shape: Sequence[int]) -> torch.Size:
@@ -344,9 +281,12 @@ class InverseTransformModule(FlowTransformModule):
 
 
 def fused_forward(t: Transform, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(t(x), log|det dt/dx|)`` in one pass for a pyro_nf transform, in two calls for any other."""
+    """``(t(x), log|det dt/dx|)`` in one pass for a pyro_nf transform, in two calls for any other.
+
+    The input is not checked again: composites and density models check it once, where it enters.
+    """
     if isinstance(t, FlowTransform):
-        return t.forward_and_log_det(x)
+        return t._forward_and_log_det(x)
     y = t._call(x)
     return y, t.log_abs_det_jacobian(x, y)
 
@@ -354,7 +294,7 @@ def fused_forward(t: Transform, x: Tensor) -> tuple[Tensor, Tensor]:
 def fused_inverse(t: Transform, y: Tensor) -> tuple[Tensor, Tensor]:
     """``(t^{-1}(y), log|det dt/dx|)`` in one pass for a pyro_nf transform, in two calls for any other."""
     if isinstance(t, FlowTransform):
-        return t.inverse_and_log_det(y)
+        return t._inverse_and_log_det(y)
     x = t._inverse(y)
     return x, t.log_abs_det_jacobian(x, y)
 
@@ -411,7 +351,7 @@ class FlowStack(FlowTransformModule):
                 sources.append(part)
         return tuple(sources)
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         event_dim = self.domain.event_dim
         total: Tensor | int = 0
         for part in self.parts:
@@ -421,7 +361,7 @@ class FlowStack(FlowTransformModule):
             total = x.new_zeros(x.shape[: x.dim() - event_dim])
         return x, total
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         event_dim = self.domain.event_dim
         total: Tensor | int = 0
         for part in reversed(self.parts):
@@ -441,6 +381,19 @@ class FlowStack(FlowTransformModule):
             shape = part.inverse_shape(shape)
         return torch.Size(shape)
 
+    @property
+    def sign(self) -> int:
+        """The product of the parts' signs."""
+        sign = 1
+        for i, part in enumerate(self.parts):
+            try:
+                sign *= int(part.sign)
+            except NotImplementedError:
+                raise NotImplementedError(
+                    f"FlowStack.sign: part {i} ({type(part).__name__}) defines no sign of its Jacobian determinant"
+                ) from None
+        return sign
+
     def __len__(self) -> int:
         return len(self.parts)
 
@@ -448,12 +401,54 @@ class FlowStack(FlowTransformModule):
         return self.parts[index]
 
 
-class ConditionalFlowStack(ConditionalTransformModule):
-    """A stack of conditional (and plain) transforms; ``.condition(context)`` gives a :class:`FlowStack`."""
+class ConditionalFlowTransformModule(ConditionalTransformModule):
+    """Base class of pyro_nf's conditional transforms: the context is checked once per :meth:`condition`.
+
+    Subclasses set ``context_dim`` and implement :meth:`_condition`, which builds the
+    transform at a context that has already been checked. Composites (a
+    :class:`ConditionalFlowStack`, a :class:`~pyro_nf.ConditionalFlowModel`) check a context
+    once and hand it to their parts' :meth:`_condition`, so a five-layer stack costs one
+    check (one device synchronisation), not six.
+    """
+
+    context_dim: int
+
+    def condition(self, context: Tensor) -> Transform:
+        """The transform at ``context`` (shape ``(..., context_dim)``, broadcasting against the inputs)."""
+        check_context(context, self.context_dim, self._reference_tensor())
+        return self._condition(context)
+
+    def _condition(self, context: Tensor) -> Transform:
+        """The transform at a context that has already been checked."""
+        raise NotImplementedError
+
+    def _reference_tensor(self) -> Tensor | None:
+        """A parameter (or floating buffer) whose dtype and device a context must match."""
+        for t in self.parameters():
+            return t
+        for t in self.buffers():
+            if t.dtype.is_floating_point:
+                return t
+        return None
+
+
+def condition_checked(t: ConditionalTransform, context: Tensor) -> Transform:
+    """``t.condition(context)`` for a context that has already been checked (no second check for pyro_nf's)."""
+    if isinstance(t, ConditionalFlowTransformModule):
+        return t._condition(context)
+    return t.condition(context)
+
+
+class ConditionalFlowStack(ConditionalFlowTransformModule):
+    """A stack of conditional (and plain) transforms; ``.condition(context)`` gives a :class:`FlowStack`.
+
+    Every conditional part reads the same context, so they must agree on ``context_dim``.
+    """
 
     def __init__(self, parts: Sequence[ConditionalTransform | Transform]) -> None:
         super().__init__()
         parts = list(parts)
+        dims = set()
         for i, part in enumerate(parts):
             if not isinstance(part, (ConditionalTransform, Transform)):
                 raise TypeError(
@@ -462,11 +457,22 @@ class ConditionalFlowStack(ConditionalTransformModule):
                 )
             if isinstance(part, nn.Module):
                 self.add_module(str(i), part)
+            if isinstance(part, ConditionalTransform) and getattr(part, "context_dim", None) is not None:
+                dims.add(part.context_dim)  # type: ignore[attr-defined]
+        if len(dims) > 1:
+            raise ValueError(f"ConditionalFlowStack: the conditional parts read contexts of different sizes {dims}")
         self.parts = parts
+        self.context_dim = dims.pop() if dims else 0
 
     def condition(self, context: Tensor) -> FlowStack:
+        """The :class:`FlowStack` of every part at ``context`` (checked once)."""
+        if self.context_dim:
+            check_context(context, self.context_dim, self._reference_tensor())
+        return self._condition(context)
+
+    def _condition(self, context: Tensor) -> FlowStack:
         return FlowStack(
-            [p.condition(context) if isinstance(p, ConditionalTransform) else p for p in self.parts]  # type: ignore[misc]
+            [condition_checked(p, context) if isinstance(p, ConditionalTransform) else p for p in self.parts]
         )
 
     def __len__(self) -> int:

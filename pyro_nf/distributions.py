@@ -17,7 +17,8 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_nf.core import check_context, check_tensor, fused_forward, fused_inverse, validation_enabled
+from pyro_nf.checks import check_context, check_tensor, validation_enabled
+from pyro_nf.core import condition_checked, fused_forward, fused_inverse
 
 _Shape = Sequence[int] | torch.Size
 
@@ -138,7 +139,7 @@ class ConditionalFlowModel(_StandardNormalBase):
     def condition(self, context: Tensor) -> ConditionedFlowModel:
         """The density given ``context`` of shape ``batch_shape + (context_dim,)``."""
         check_context(context, self.context_dim, self.loc)
-        return ConditionedFlowModel(self, self.flow.condition(context), context.shape[:-1])
+        return ConditionedFlowModel(self, condition_checked(self.flow, context), context.shape[:-1])
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """``log p(x | context)``."""

@@ -42,7 +42,8 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from pyro_nf.core import fused_forward, validation
+from pyro_nf.checks import validation
+from pyro_nf.core import fused_forward
 
 __all__ = ["CapturedCall", "capture", "capture_module", "capture_sampler"]
 

@@ -15,33 +15,32 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 
 from pyro_nf.core import FlowStack, InverseTransformModule
-from pyro_nf.infer.amortized import conditional_sylvester
 from pyro_nf.transforms import (
+    FFJORD,
+    ConditionalLatentAffine,
+    FactorOut,
+    actnorm,
     batch_norm,
+    conditional_ffjord,
+    conditional_glow,
     conditional_iaf,
     conditional_maf,
     conditional_realnvp,
-    iaf,
-    maf,
-    realnvp,
-)
-from pyro_nf.transforms.continuous import FFJORD, conditional_ffjord, ffjord, ffjord_multiscale
-from pyro_nf.transforms.glow import (
-    ConditionalLatentAffine,
-    actnorm,
-    conditional_glow,
+    conditional_sylvester,
+    ffjord,
+    ffjord_multiscale,
     glow,
     glow_step,
-    invertible_conv1x1,
-)
-from pyro_nf.transforms.multiscale import (
-    FactorOut,
+    iaf,
     image_coupling,
+    invertible_conv1x1,
+    maf,
     prior_coupling,
+    realnvp,
     realnvp_multiscale,
     squeeze,
-    squeezed_shape,
 )
+from pyro_nf.transforms.multiscale import squeezed_shape
 
 CONTEXT_DIM = 3
 
@@ -170,13 +169,25 @@ CASES: list[Case] = [
     ),
     Case(
         "realnvp_multiscale",
-        lambda s: realnvp_multiscale(s, 2, 8, num_blocks=1, learned_prior=True, actnorm=True, log_scale_bound=1.0),
+        lambda s: realnvp_multiscale(
+            s, levels=1, hidden_channels=8, num_blocks=1, learned_prior=True, actnorm=True, log_scale_bound=1.0
+        ),
         shape=(1, 4, 4),
         vector=False,
     ),
     Case(
         "ffjord_multiscale",
-        lambda s: ffjord_multiscale(s, 2, 1, [4], "exact", t1=0.5, rtol=1e-8, atol=1e-8, adjoint=False),
+        lambda s: ffjord_multiscale(
+            s,
+            levels=1,
+            blocks_per_scale=1,
+            hidden_channels=[4],
+            trace="exact",
+            t1=0.5,
+            rtol=1e-8,
+            atol=1e-8,
+            adjoint=False,
+        ),
         shape=(1, 4, 4),
         vector=False,
         calls_per_pass=_block_nfes,

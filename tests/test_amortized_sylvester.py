@@ -8,7 +8,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_nf.infer.amortized import AmortizedFlowPosterior, ConditionalSylvester, conditional_sylvester
+from pyro_nf.infer import AmortizedFlowPosterior
+from pyro_nf.transforms import ConditionalSylvester, conditional_sylvester
 from tests.test_infer_examples import run_example
 
 

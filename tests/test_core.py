@@ -13,7 +13,8 @@ from pyro.distributions import ComposeTransformModule
 from pyro.distributions.transforms import AffineTransform, affine_autoregressive
 
 import pyro_nf
-from pyro_nf.core import FlowStack, InverseTransformModule, check_tensor
+from pyro_nf.checks import check_tensor
+from pyro_nf.core import FlowStack, InverseTransformModule
 from pyro_nf.transforms import iaf, maf, realnvp
 from tests.contract import CallCounter, perturb
 

@@ -180,7 +180,7 @@ def test_the_vector_field_keeps_its_event_shape() -> None:
 
 
 def test_ffjord_multiscale_builds_blocks_squeezes_and_factor_outs() -> None:
-    flow = ffjord_multiscale((1, 8, 8), num_scales=3, blocks_per_scale=2, hidden_channels=4)
+    flow = ffjord_multiscale((1, 8, 8), levels=2, blocks_per_scale=2, hidden_channels=4)
     blocks = [m for m in flow.modules() if isinstance(m, FFJORD)]
     # scales 1 and 2: 2 blocks before and 2 after the squeeze; the last scale: 2 blocks
     assert sorted(b.net.event_shape for b in blocks) == sorted(
@@ -208,7 +208,9 @@ def test_ffjord_multiscale_builds_blocks_squeezes_and_factor_outs() -> None:
 
 def test_ffjord_multiscale_density_and_hutchinson_evaluation() -> None:
     torch.manual_seed(0)
-    flow = ffjord_multiscale((1, 4, 4), 2, 1, [4], zero_init=False, rtol=1e-6, atol=1e-6)
+    flow = ffjord_multiscale(
+        (1, 4, 4), levels=1, blocks_per_scale=1, hidden_channels=[4], zero_init=False, rtol=1e-6, atol=1e-6
+    )
     base = dist.Normal(torch.zeros(1, 4, 4), 1.0).to_event(3)
     d = dist.TransformedDistribution(base, [flow])
     x = torch.randn(5, 1, 4, 4)
@@ -224,7 +226,7 @@ def test_ffjord_multiscale_density_and_hutchinson_evaluation() -> None:
 
 def test_ffjord_multiscale_trains() -> None:
     torch.manual_seed(0)
-    flow = ffjord_multiscale((1, 4, 4), 2, 1, [8], rtol=1e-3, atol=1e-3)
+    flow = ffjord_multiscale((1, 4, 4), levels=1, blocks_per_scale=1, hidden_channels=[8], rtol=1e-3, atol=1e-3)
     d = dist.TransformedDistribution(dist.Normal(torch.zeros(1, 4, 4), 1.0).to_event(3), [flow])
     data = 0.3 * torch.randn(32, 1, 4, 4) + torch.linspace(-1, 1, 16).reshape(1, 4, 4)
     optimizer = torch.optim.Adam(flow.parameters(), lr=0.05)

@@ -19,7 +19,7 @@ from pyro_nf.transforms import (
     iaf,
     maf,
 )
-from pyro_nf.transforms.affine import shift_and_log_scale
+from pyro_nf.transforms.elementwise import shift_and_log_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTEXT_DIM = 3

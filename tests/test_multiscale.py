@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_nf.transforms import FactorOut, Squeeze, glow, image_coupling, prior_coupling, realnvp_multiscale, squeeze
-from pyro_nf.transforms.multiscale import checkerboard
+from pyro_nf.transforms.image_coupling import checkerboard
 
 
 def test_squeeze_shapes_and_layout() -> None:

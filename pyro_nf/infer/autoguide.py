@@ -32,8 +32,6 @@ Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow"
 
 from __future__ import annotations
 
-import importlib
-import types
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -47,69 +45,9 @@ from pyro.nn import PyroParam
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_nf.core import ConditionalFlowStack, FlowStack
-from pyro_nf.transforms import conditional_iaf, conditional_maf, conditional_realnvp, iaf, maf, realnvp
+from pyro_nf.registry import flow_factory
 
 FlowName = Literal["iaf", "maf", "realnvp", "ffjord"]
-FLOWS: tuple[str, ...] = ("iaf", "maf", "realnvp", "ffjord")
-
-_FACTORIES: dict[str, Callable[..., Any]] = {"iaf": iaf, "maf": maf, "realnvp": realnvp}
-_CONDITIONAL_FACTORIES: dict[str, Callable[..., Any]] = {
-    "iaf": conditional_iaf,
-    "maf": conditional_maf,
-    "realnvp": conditional_realnvp,
-}
-
-
-def _load_ffjord(factory_name: str) -> Callable[..., Any]:
-    """Import the FFJORD factory ``factory_name`` lazily, with a clear error when it is not there."""
-    for module_name in ("pyro_nf.transforms.ffjord", "pyro_nf.transforms.continuous", "pyro_nf.transforms"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name is not None and module_name.startswith(error.name):
-                continue
-            raise
-        factory = getattr(module, factory_name, None)
-        if callable(factory) and not isinstance(factory, types.ModuleType):
-            return factory
-    raise ImportError(
-        f"flow='ffjord' needs pyro_nf's FFJORD transform ({factory_name} in pyro_nf.transforms), "
-        "which this installation does not have; use flow='iaf', 'maf' or 'realnvp'"
-    )
-
-
-def flow_factory(flow: str, conditional: bool = False) -> Callable[..., Any]:
-    """The pyro_nf factory named ``flow`` (``"iaf"``, ``"maf"``, ``"realnvp"`` or ``"ffjord"``).
-
-    With ``conditional=True`` the ``conditional_`` factory, whose result has
-    ``.condition(context)``. FFJORD is imported on first use.
-
-    Example::
-
-        >>> flow_factory("maf").__name__, flow_factory("iaf", conditional=True).__name__
-        ('maf', 'conditional_iaf')
-    """
-    if not isinstance(flow, str) or flow not in FLOWS:
-        raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
-    if flow == "ffjord":
-        return _ffjord_stack(_load_ffjord("conditional_ffjord" if conditional else "ffjord"), conditional)
-    return (_CONDITIONAL_FACTORIES if conditional else _FACTORIES)[flow]
-
-
-def _ffjord_stack(factory: Callable[..., Any], conditional: bool) -> Callable[..., Any]:
-    """FFJORD with a ``num_transforms`` option: one CNF (default), or a stack of several as in the FFJORD VAEs."""
-
-    def build(*args: Any, num_transforms: int | None = None, **options: Any) -> Any:
-        if num_transforms is None or num_transforms == 1:
-            return factory(*args, **options)
-        if not isinstance(num_transforms, int) or num_transforms < 1:
-            raise ValueError(f"num_transforms: expected a positive int or None, got {num_transforms!r}")
-        blocks = [factory(*args, **options) for _ in range(num_transforms)]
-        return ConditionalFlowStack(blocks) if conditional else FlowStack(blocks)
-
-    build.__name__ = factory.__name__
-    return build
 
 
 class AutoFlow(AutoContinuous):
@@ -123,7 +61,7 @@ class AutoFlow(AutoContinuous):
         flow: ``"iaf"`` (default: sampling and the density of its own samples in
             one network pass per layer, what SVI asks of a guide), ``"maf"``
             (sampling sequential in D), ``"realnvp"`` (both directions in one
-            pass) or ``"ffjord"`` (a continuous flow; needs pyro_nf's FFJORD).
+            pass) or ``"ffjord"`` (a continuous flow); any vector flow of :data:`pyro_nf.registry.FLOWS`.
         hidden_dims: hidden widths of each layer's network (the factory's default when None).
         num_transforms: number of flow layers (the factory's default when None).
         init_loc_fn: per-site initialisation of the location (see :mod:`pyro.infer.autoguide.initialization`).

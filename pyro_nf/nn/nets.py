@@ -15,6 +15,11 @@ import torch
 from torch import Tensor, nn
 
 
+def default_hidden_dims(input_dim: int) -> list[int]:
+    """The default widths of a vector flow's networks: two hidden layers of ``max(64, 4 D)`` units."""
+    return [max(64, 4 * input_dim)] * 2
+
+
 def activate(act: nn.Module, h: Tensor) -> Tensor:
     """Apply ``act`` to a freshly computed pre-activation ``h``, in place when it is a ReLU.
 

@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pyro_nf.checks import check_image_shape
+
 Activation = Literal["softplus", "tanh", "elu", "silu"]
 Noise = Literal["rademacher", "gaussian"]
 ACTIVATIONS: dict[str, type[nn.Module]] = {"softplus": nn.Softplus, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
@@ -291,8 +293,6 @@ class ConvODENet(nn.Module):
         kernel_size: int = 3,
     ) -> None:
         super().__init__()
-        from pyro_nf.transforms.multiscale import check_image_shape  # the transforms build on this module
-
         shape = check_image_shape(input_shape)
         hidden = list(hidden_channels)
         if not hidden or any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):

@@ -39,15 +39,12 @@ preprocessing), :mod:`~pyro_nf.training.model` (the flow and its metric),
 
 from __future__ import annotations
 
+from pyro_nf.registry import FLOWS
 from pyro_nf.training.config import (
-    FLOWS,
     IMAGE_DATASETS,
     ConfigError,
     NonFiniteLossError,
     TrainConfig,
-    Unavailable,
-    available_datasets,
-    available_flows,
     merge_resume,
     resolve_config,
 )
@@ -61,9 +58,6 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",
-    "Unavailable",
-    "available_datasets",
-    "available_flows",
     "evaluate",
     "merge_resume",
     "resolve_config",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +12,14 @@ import torch
 
 from pyro_nf.data import TOY_DATASETS
 from pyro_nf.data.files import is_data_file
+from pyro_nf.registry import FLOWS
 
 __all__ = [
     "FLOWS",
     "IMAGE_DATASETS",
     "ConfigError",
-    "FlowSpec",
     "NonFiniteLossError",
     "TrainConfig",
-    "Unavailable",
-    "available_datasets",
-    "available_flows",
     "data_kind",
     "merge_resume",
     "resolve_config",
@@ -37,43 +32,12 @@ class ConfigError(ValueError):
     """A configuration that cannot run (unknown flow or dataset, a flow that does not fit the data, ...)."""
 
 
-class Unavailable(ConfigError):
-    """A flow or dataset whose implementation is not part of this version of pyro_nf."""
-
-
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss or gradient; the last good checkpoint is kept."""
 
 
-@dataclass(frozen=True)
-class FlowSpec:
-    """How the trainer builds one flow family."""
-
-    name: str
-    kind: Literal["vector", "image"]
-    module: str
-    factory: str
-    summary: str
-
-
-FLOWS: dict[str, FlowSpec] = {
-    spec.name: spec
-    for spec in (
-        FlowSpec("maf", "vector", "pyro_nf.transforms.autoregressive", "maf", "masked autoregressive flow"),
-        FlowSpec("iaf", "vector", "pyro_nf.transforms.autoregressive", "iaf", "inverse autoregressive flow"),
-        FlowSpec("realnvp", "vector", "pyro_nf.transforms.coupling", "realnvp", "affine coupling flow for vectors"),
-        FlowSpec("ffjord", "vector", "pyro_nf.transforms.continuous", "ffjord", "continuous normalizing flow (FFJORD)"),
-        FlowSpec("glow", "image", "pyro_nf.transforms.glow", "glow", "Glow (actnorm, 1x1 conv, coupling)"),
-        FlowSpec(
-            "realnvp-multiscale",
-            "image",
-            "pyro_nf.transforms.multiscale",
-            "realnvp_multiscale",
-            "multiscale RealNVP for images",
-        ),
-    )
-}
-"""The flows ``--flow`` accepts."""
+CONFIG_VERSION = 2
+"""The layout of :class:`TrainConfig` records this version writes (see ``config_version``)."""
 
 IMAGE_DATASETS: dict[str, str] = {
     "digits": "8x8 handwritten digits from scikit-learn (1797 images, 17 grey levels)",
@@ -81,28 +45,6 @@ IMAGE_DATASETS: dict[str, str] = {
     "fashion-mnist": "Fashion-MNIST 28x28 (60000 + 10000 images)",
 }
 """The built-in image datasets ``--data`` accepts."""
-
-_IMAGES_MODULE = "pyro_nf.data.images"
-
-
-def _import(module: str, what: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        if error.name is not None and (module == error.name or module.startswith(error.name + ".")):
-            raise Unavailable(f"{what} is not available in this version of pyro_nf (no module {module})") from None
-        raise
-
-
-def available_flows() -> dict[str, bool]:
-    """Which flows of :data:`FLOWS` this installation can build."""
-    return {name: importlib.util.find_spec(spec.module) is not None for name, spec in FLOWS.items()}
-
-
-def available_datasets() -> dict[str, bool]:
-    """Which built-in datasets this installation can load (toys always, images when their loader exists)."""
-    images = importlib.util.find_spec(_IMAGES_MODULE) is not None
-    return {**{name: True for name in TOY_DATASETS}, **{name: images for name in IMAGE_DATASETS}}
 
 
 @dataclass
@@ -127,7 +69,7 @@ class TrainConfig:
     - ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
     - ``hidden``: hidden widths of the vector flows' networks.
     - ``num_transforms``: layers of a vector flow.
-    - ``levels``: scales of an image flow.
+    - ``levels``: squeezes of an image flow (each halves H and W), the same in every image flow.
     - ``depth``: steps per level of an image flow.
     - ``hidden_channels``: channels of an image flow's coupling networks.
     - ``coupling``: ``"affine"`` or ``"additive"`` (image flows).
@@ -141,6 +83,8 @@ class TrainConfig:
     - ``log_every``: steps between lines of ``history.csv``.
     - ``num_samples``: samples drawn for figures.
     - ``progress``: show a progress bar.
+    - ``config_version``: the layout of this record (2: ``levels`` counts squeezes in every image flow;
+      in version 1 ``levels`` of ``realnvp-multiscale`` counted scales, one more).
     """
 
     flow: str
@@ -170,6 +114,7 @@ class TrainConfig:
     log_every: int = 10
     num_samples: int = 2000
     progress: bool = True
+    config_version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a JSON-ready dict."""
@@ -177,10 +122,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Rebuild from :meth:`to_dict`'s output (unknown keys are an error)."""
+        """Rebuild from :meth:`to_dict`'s output (unknown keys are an error); older layouts are migrated."""
         unknown = _unknown_fields(cls, values)
         if unknown:
             raise ConfigError(f"configuration: unknown keys {', '.join(unknown)}")
+        values = dict(values)
+        if values.setdefault("config_version", 1) == 1:
+            if values.get("flow") == "realnvp-multiscale" and values.get("levels") is not None:
+                values["levels"] -= 1  # version 1 counted scales: one more than squeezes
+            values["config_version"] = CONFIG_VERSION
         return cls(**values)
 
 
@@ -194,7 +144,16 @@ def _flag(key: str) -> str:
     return f"--{key.replace('_', '-')}"
 
 
-_RESUMABLE = {"steps", "epochs", "val_every", "checkpoint_every", "log_every", "progress", "device", "num_samples"}
+_RESUMABLE = {
+    "steps",
+    "epochs",
+    "val_every",
+    "checkpoint_every",
+    "log_every",
+    "progress",
+    "device",
+    "num_samples",
+}
 """Options a resumed run may change; all others must match the checkpoint."""
 
 
@@ -224,7 +183,7 @@ def _defaults(flow: str, kind: DataKind, data: str) -> dict[str, Any]:
             lr=1e-3,
             warmup_steps=1000 if big else 100,
             grad_clip=50.0,
-            levels=(3 if big else 2) if flow == "realnvp-multiscale" else 2,
+            levels=(2 if big else 1) if flow == "realnvp-multiscale" else 2,
             depth=16 if big else 4,
             hidden_channels=256 if big else 32,
             coupling="affine",

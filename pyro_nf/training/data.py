@@ -17,7 +17,7 @@ from torch import Tensor
 from pyro_nf.data import sample_toy
 from pyro_nf.data.files import as_images, as_vectors, load_file
 from pyro_nf.metrics import bits_per_dim
-from pyro_nf.training.config import _IMAGES_MODULE, IMAGE_DATASETS, ConfigError, TrainConfig, _import, data_kind
+from pyro_nf.training.config import IMAGE_DATASETS, ConfigError, TrainConfig, data_kind
 from pyro_nf.transforms.preprocess import dequantize, quantize
 
 __all__ = ["Dequantize", "PreparedData", "Preprocess", "Standardize", "prepare_data", "preprocess_from_state"]
@@ -175,6 +175,7 @@ def prepare_data(config: TrainConfig, *, image_flow: bool) -> PreparedData:
 
 def _load_image_dataset(name: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:
     """``(train, test, n_levels)`` of a built-in image dataset, images as ``(N, C, H, W)``."""
-    images = _import(_IMAGES_MODULE, f"the image dataset {name!r}")
-    result = images.load_images(name, data_dir)
+    from pyro_nf.data.images import load_images
+
+    result = load_images(name, data_dir)
     return result.train.numpy(), result.test.numpy(), int(result.n_levels)

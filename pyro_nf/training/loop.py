@@ -25,8 +25,9 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from pyro_nf.checkpoint import Checkpoint, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from pyro_nf.core import validation
-from pyro_nf.training.config import FLOWS, ConfigError, NonFiniteLossError, TrainConfig, _import
+from pyro_nf.checks import validation
+from pyro_nf.registry import FLOWS
+from pyro_nf.training.config import ConfigError, NonFiniteLossError, TrainConfig
 from pyro_nf.training.data import PreparedData, prepare_data, preprocess_from_state
 from pyro_nf.training.distributed import DistributedContext, _resolve_device
 from pyro_nf.training.figures import _figures
@@ -158,7 +159,6 @@ def _train(config: TrainConfig, context: DistributedContext, resume: bool) -> Tr
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     data = prepare_data(config, image_flow=image_flow)
-    _import(FLOWS[config.flow].module, f"--flow {config.flow}")
     if config.batch_size % context.world_size:
         raise ConfigError(
             f"--batch-size {config.batch_size} must be a multiple of the number of processes ({context.world_size})"

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from pyro_nf.distributions import FlowModel
-from pyro_nf.training.config import FLOWS, ConfigError, TrainConfig, _import
+from pyro_nf.registry import FLOWS
+from pyro_nf.training.config import ConfigError, TrainConfig
 from pyro_nf.training.data import PreparedData
 
 __all__ = ["build_model", "evaluate_nll"]
@@ -17,39 +18,29 @@ __all__ = ["build_model", "evaluate_nll"]
 def build_model(config: TrainConfig, data: PreparedData) -> FlowModel:
     """The flow named by ``config.flow`` over the data's event shape, as a :class:`~pyro_nf.distributions.FlowModel`."""
     spec = FLOWS[config.flow]
-    module = _import(spec.module, f"--flow {config.flow}")
-    factory = getattr(module, spec.factory)
     if spec.kind == "vector":
         dim = math.prod(data.event_shape)
-        if config.flow == "ffjord":
-            flow = factory(dim, hidden_dims=config.hidden)
-        else:
-            flow = factory(dim, hidden_dims=config.hidden, num_transforms=config.num_transforms)
-        return FlowModel(flow, (dim,))
+        return FlowModel(spec.build(dim, hidden_dims=config.hidden, num_transforms=config.num_transforms), (dim,))
     if data.kind != "image":
         raise ConfigError(
             f"--flow {config.flow} models images of shape (C, H, W), but the data are vectors of "
             f"shape {data.event_shape}; use maf, iaf, realnvp or ffjord, or save images as (N, C, H, W)"
         )
     shape = data.event_shape
-    assert config.levels is not None
-    squeezes = config.levels if config.flow == "glow" else config.levels - 1
-    factor = 2**squeezes
+    assert config.levels is not None and config.hidden_channels is not None
+    factor = 2**config.levels
     if shape[1] % factor or shape[2] % factor:
         raise ConfigError(
-            f"--flow {config.flow} with --levels {config.levels} halves the image size {squeezes} times, so "
+            f"--flow {config.flow} with --levels {config.levels} halves the image size {config.levels} times, so "
             f"height and width must be multiples of {factor}; got images of shape {shape}; give fewer --levels"
         )
-    if config.flow == "glow":
-        flow = factory(
-            shape,
-            levels=config.levels,
-            depth=config.depth,
-            hidden_channels=config.hidden_channels,
-            coupling=config.coupling,
-        )
-    else:
-        flow = factory(shape, num_scales=config.levels, hidden_channels=config.hidden_channels)
+    flow = spec.build(
+        shape,
+        levels=config.levels,
+        hidden_channels=config.hidden_channels,
+        depth=config.depth,
+        coupling=config.coupling or "affine",
+    )
     return FlowModel(flow, shape)
 
 

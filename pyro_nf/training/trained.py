@@ -12,7 +12,8 @@ import torch
 from pyro_nf.checkpoint import Checkpoint, load_checkpoint
 from pyro_nf.data.files import as_images, as_vectors, load_file
 from pyro_nf.distributions import FlowModel
-from pyro_nf.training.config import FLOWS, ConfigError, TrainConfig, data_kind
+from pyro_nf.registry import FLOWS
+from pyro_nf.training.config import ConfigError, TrainConfig, data_kind
 from pyro_nf.training.data import PreparedData, prepare_data, preprocess_from_state
 from pyro_nf.training.distributed import DistributedContext, _resolve_device
 from pyro_nf.training.figures import _plot_sample_picture, _samples

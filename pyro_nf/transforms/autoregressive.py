@@ -1,24 +1,26 @@
-"""Masked autoregressive flows: MAF and IAF.
+"""Autoregressive layers: one skeleton with a pluggable element-wise map, and MAF and IAF.
 
-Both use the same layer, ``x_i = z_i * exp(alpha_i) + mu_i``, with
-``(mu_i, alpha_i)`` given by a :class:`~pyro_nf.nn.MADE`; they differ in which
+An autoregressive layer applies an element-wise map ``g`` (:mod:`pyro_nf.transforms.elementwise`)
+whose raw parameters for element ``i`` come from a :class:`~pyro_nf.nn.MADE`, so they depend
+only on the elements before ``i`` in the MADE's order. The two directions differ in which
 side the MADE reads (forward maps base ``z`` to data ``x``, as in Pyro):
 
-- **MAF** (``parallel="inverse"``): ``(mu, alpha) = MADE(x)``. The density of
-  any data, ``z = (x - mu) * exp(-alpha)``, is one MADE pass; sampling is
-  sequential (``D`` passes). Use it as a density model.
-- **IAF** (``parallel="forward"``): ``(mu, alpha) = MADE(z)``. Sampling, and the
-  density of its own samples, are one pass; the density of arbitrary data is
-  sequential. Use it as a variational posterior (a guide).
+- **MAF** (``parallel="inverse"``): ``x_i = g(z_i; theta_i(x_<i))``. The density of any
+  data, ``z_i = g^{-1}(x_i; theta_i(x_<i))``, is one MADE pass; sampling is sequential.
+  Use it as a density model.
+- **IAF** (``parallel="forward"``): ``x_i = g(z_i; theta_i(z_<i))``. Sampling, and the
+  density of its own samples, are one pass; the density of arbitrary data is sequential.
+  Use it as a variational posterior (a guide).
 
-In both, ``log|det dx/dz| = sum_i alpha_i``.
+In both, ``log|det dx/dz| = sum_i log g'(z_i; theta_i)``. With the affine map
+``g(z; mu, alpha) = z exp(alpha) + mu`` these are the MAF and IAF of the papers.
 
 The sequential direction (MAF sampling, IAF density of arbitrary data) runs
 incrementally by default (``sequential="incremental"``, see
 :meth:`pyro_nf.nn.MADE.sequential`): the MADE's hidden units are computed once,
 degree block by degree block, as the solution fills in, so it costs the
-arithmetic of one network pass plus ``D`` small steps instead of ``D`` passes.
-``sequential="reference"`` runs the plain ``D`` passes (same numbers).
+arithmetic of one network pass plus ``D`` small steps instead of ``D`` passes, for any
+element-wise map. ``sequential="reference"`` runs the plain ``D`` passes (same numbers).
 
 Papamakarios et al., "Masked Autoregressive Flow for Density Estimation", NeurIPS 2017.
 Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow", NeurIPS 2016.
@@ -26,40 +28,42 @@ Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow"
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 import torch
-from pyro.distributions import ConditionalTransformModule
 from torch import Tensor, nn
 
+from pyro_nf.checks import check_choice, check_options, check_positive_int
 from pyro_nf.core import (
     ConditionalFlowStack,
+    ConditionalFlowTransformModule,
     FlowStack,
     FlowTransform,
     FlowTransformModule,
-    check_context,
 )
 from pyro_nf.nn.made import MADE, Order, SequentialMethod, check_sequential_method
-from pyro_nf.transforms.affine import Scale, check_scale, shift_and_log_scale
+from pyro_nf.nn.nets import default_hidden_dims
+from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, ElementwiseMap, Scale
 from pyro_nf.transforms.normalization import BatchNorm
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 Parallel = Literal["forward", "inverse"]
-Permutation = Literal["reverse", "random", "none"]
+Permutation = Literal["reversed", "random", "none"]
+PERMUTATIONS: tuple[Permutation, ...] = ("reversed", "random", "none")
 
 
-class ConditionedAffineAutoregressive(FlowTransform):
-    """The math of one affine autoregressive layer, given a MADE and an optional context.
+class ConditionedAutoregressive(FlowTransform):
+    """The math of one autoregressive layer, given a MADE, an element-wise map and an optional context.
 
     Args:
-        made: a :class:`MADE` with ``num_params=2``.
+        made: a :class:`MADE` with ``num_params`` equal to the map's.
+        elementwise: the element-wise map (see :mod:`pyro_nf.transforms.elementwise`).
         parallel: ``"inverse"`` for a MAF layer, ``"forward"`` for an IAF layer.
         context: the context tensor (``(..., context_dim)``) or None.
-        scale: ``"softclamp"`` or ``"gate"`` (see :mod:`pyro_nf.transforms.affine`).
-        log_scale_bound: the soft clamp's bound ``B``.
         cache_size: 1 to keep the last pair computed (see :class:`~pyro_nf.core.FlowTransform`), or 0.
         sequential: how the sequential direction is solved: ``"incremental"`` (one network
             pass of work, default) or ``"reference"`` (``D`` MADE passes).
@@ -68,32 +72,33 @@ class ConditionedAffineAutoregressive(FlowTransform):
     def __init__(
         self,
         made: MADE,
+        elementwise: ElementwiseMap,
         parallel: Parallel = "inverse",
         context: Tensor | None = None,
-        scale: Scale = "softclamp",
-        log_scale_bound: float = 3.0,
         cache_size: int = 1,
         sequential: SequentialMethod = "incremental",
     ) -> None:
         super().__init__(cache_size=cache_size)
-        if parallel not in ("forward", "inverse"):
-            raise ValueError(f"parallel: expected 'forward' or 'inverse', got {parallel!r}")
-        check_scale(scale, log_scale_bound)
+        check_choice(parallel, ("forward", "inverse"), "parallel")
         check_sequential_method(sequential)
-        self.sequential = sequential
+        if not isinstance(elementwise, ElementwiseMap):
+            raise TypeError(f"elementwise: expected an element-wise map, got {type(elementwise).__name__}")
+        if made.num_params != elementwise.num_params:
+            raise ValueError(
+                f"made: expected num_params = {elementwise.num_params} (the element-wise map's), got {made.num_params}"
+            )
         self.made = made
+        self.elementwise = elementwise
         self.parallel = parallel
         self.context = context
-        self.scale = scale
-        self.log_scale_bound = log_scale_bound
+        self.sequential = sequential
         self.input_shape = (made.input_dim,)
 
     def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
         return (self.made, self.context)
 
-    def _params(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = self.made(inputs, self.context).chunk(2, dim=-1)
-        return shift_and_log_scale(a, b, self.scale, self.log_scale_bound)
+    def _params(self, inputs: Tensor) -> Sequence[Tensor]:
+        return self.made(inputs, self.context).chunk(self.made.num_params, dim=-1)
 
     def _broadcast(self, v: Tensor) -> Tensor:
         """Expand ``v`` to the batch shape it shares with the context."""
@@ -102,41 +107,98 @@ class ConditionedAffineAutoregressive(FlowTransform):
         batch = torch.broadcast_shapes(v.shape[:-1], self.context.shape[:-1])
         return v.expand(*batch, v.shape[-1])
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self._broadcast(x)
         if self.parallel == "forward":
-            mu, alpha = self._params(x)
-            return x * alpha.exp() + mu, alpha.sum(-1)
+            y, ladj = self.elementwise.forward(x, self._params(x))
+            return y, ladj.sum(-1)
         return self._sequential(x, forward=True)
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y = self._broadcast(y)
         if self.parallel == "inverse":
-            mu, alpha = self._params(y)
-            return (y - mu) * (-alpha).exp(), alpha.sum(-1)
+            x, ladj = self.elementwise.inverse(y, self._params(y))
+            return x, ladj.sum(-1)
         return self._sequential(y, forward=False)
 
     def _sequential(self, given: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
         """Solve the sequential direction with :meth:`MADE.sequential <pyro_nf.nn.MADE.sequential>`.
 
-        ``forward`` solves ``x_i = z_i exp(alpha_i(x_<i)) + mu_i(x_<i)`` for ``x`` given
-        ``z`` (MAF sampling), otherwise ``z_i = (x_i - mu_i(z_<i)) exp(-alpha_i(z_<i))``
-        for ``z`` given ``x`` (IAF density). ``self.sequential`` picks the incremental
-        pass or the ``D``-pass reference.
+        ``forward`` solves ``x_i = g(z_i; theta_i(x_<i))`` for ``x`` given ``z`` (MAF sampling),
+        otherwise ``z_i = g^{-1}(x_i; theta_i(z_<i))`` for ``z`` given ``x`` (IAF density).
+        ``self.sequential`` picks the incremental pass or the ``D``-pass reference. The
+        log-det is the map's at the solution's parameters.
         """
-        scale, bound = self.scale, self.log_scale_bound
+        g = self.elementwise.forward if forward else self.elementwise.inverse
 
-        def solve(g: Tensor, raw_shift: Tensor, raw_scale: Tensor) -> Tensor:
-            mu, alpha = shift_and_log_scale(raw_shift, raw_scale, scale, bound)
-            return g * alpha.exp() + mu if forward else (g - mu) * (-alpha).exp()
+        def solve(known: Tensor, *params: Tensor) -> Tensor:
+            return g(known, params)[0]
 
-        out, params = self.made.sequential(given, solve, self.context, self.sequential)
-        raw_shift, raw_scale = params.chunk(2, dim=-1)
-        _, alpha = shift_and_log_scale(raw_shift, raw_scale, scale, bound)
-        return out, alpha.sum(-1)
+        out, raw = self.made.sequential(given, solve, self.context, self.sequential)
+        params = raw.chunk(self.made.num_params, dim=-1)
+        base = given if forward else out  # the map's input, at which log g' is taken
+        side = out if forward else given
+        _, ladj = self.elementwise.forward(base, params) if forward else self.elementwise.inverse(side, params)
+        return out, ladj.sum(-1)
 
 
-class AffineAutoregressive(ConditionedAffineAutoregressive, FlowTransformModule):
+class Autoregressive(ConditionedAutoregressive, FlowTransformModule):
+    """A learnable autoregressive layer with any element-wise map."""
+
+    def __init__(
+        self,
+        made: MADE,
+        elementwise: ElementwiseMap,
+        parallel: Parallel = "inverse",
+        cache_size: int = 1,
+        sequential: SequentialMethod = "incremental",
+    ) -> None:
+        super().__init__(made, elementwise, parallel, None, cache_size, sequential)
+
+
+class ConditionalAutoregressive(ConditionalFlowTransformModule):
+    """An autoregressive layer whose MADE also reads a context; ``.condition(context)`` gives the layer."""
+
+    def __init__(
+        self,
+        made: MADE,
+        elementwise: ElementwiseMap,
+        parallel: Parallel = "inverse",
+        sequential: SequentialMethod = "incremental",
+    ) -> None:
+        super().__init__()
+        if made.context_dim < 1:
+            raise ValueError(f"{type(self).__name__}: the MADE needs context_dim >= 1, got {made.context_dim}")
+        check_sequential_method(sequential)
+        self.made = made
+        self.elementwise = elementwise
+        self.parallel = parallel
+        self.sequential = sequential
+        self.context_dim = made.context_dim
+
+    def _condition(self, context: Tensor) -> ConditionedAutoregressive:
+        return ConditionedAutoregressive(
+            self.made, self.elementwise, self.parallel, context, sequential=self.sequential
+        )
+
+
+class ConditionedAffineAutoregressive(ConditionedAutoregressive):
+    """One affine autoregressive layer at a context: :class:`ConditionedAutoregressive` with an :class:`AffineMap`."""
+
+    def __init__(
+        self,
+        made: MADE,
+        parallel: Parallel = "inverse",
+        context: Tensor | None = None,
+        scale: Scale = "softclamp",
+        log_scale_bound: float = LOG_SCALE_BOUND,
+        cache_size: int = 1,
+        sequential: SequentialMethod = "incremental",
+    ) -> None:
+        super().__init__(made, AffineMap(scale, log_scale_bound), parallel, context, cache_size, sequential)
+
+
+class AffineAutoregressive(Autoregressive):
     """One learnable MAF (``parallel="inverse"``) or IAF (``parallel="forward"``) layer.
 
     Example::
@@ -152,14 +214,14 @@ class AffineAutoregressive(ConditionedAffineAutoregressive, FlowTransformModule)
         made: MADE,
         parallel: Parallel = "inverse",
         scale: Scale = "softclamp",
-        log_scale_bound: float = 3.0,
+        log_scale_bound: float = LOG_SCALE_BOUND,
         cache_size: int = 1,
         sequential: SequentialMethod = "incremental",
     ) -> None:
-        super().__init__(made, parallel, None, scale, log_scale_bound, cache_size, sequential)
+        super().__init__(made, AffineMap(scale, log_scale_bound), parallel, cache_size, sequential)
 
 
-class ConditionalAffineAutoregressive(ConditionalTransformModule):
+class ConditionalAffineAutoregressive(ConditionalAutoregressive):
     """A MAF/IAF layer whose MADE also reads a context; ``.condition(context)`` gives the layer."""
 
     def __init__(
@@ -167,130 +229,155 @@ class ConditionalAffineAutoregressive(ConditionalTransformModule):
         made: MADE,
         parallel: Parallel = "inverse",
         scale: Scale = "softclamp",
-        log_scale_bound: float = 3.0,
+        log_scale_bound: float = LOG_SCALE_BOUND,
         sequential: SequentialMethod = "incremental",
     ) -> None:
-        super().__init__()
-        if made.context_dim < 1:
-            raise ValueError("ConditionalAffineAutoregressive: the MADE needs context_dim >= 1")
-        check_scale(scale, log_scale_bound)
-        check_sequential_method(sequential)
-        self.made = made
-        self.parallel = parallel
-        self.scale = scale
-        self.log_scale_bound = log_scale_bound
-        self.sequential = sequential
+        super().__init__(made, AffineMap(scale, log_scale_bound), parallel, sequential)
 
-    def condition(self, context: Tensor) -> ConditionedAffineAutoregressive:
-        check_context(context, self.made.context_dim, self.made.output_layer.weight)
-        return ConditionedAffineAutoregressive(
-            self.made, self.parallel, context, self.scale, self.log_scale_bound, sequential=self.sequential
+
+def affine_autoregressive(
+    input_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    *,
+    parallel: Parallel = "inverse",
+    order: Order = "natural",
+    residual: bool = False,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    scale: Scale = "softclamp",
+    log_scale_bound: float = LOG_SCALE_BOUND,
+    sequential: SequentialMethod = "incremental",
+) -> AffineAutoregressive:
+    """One :class:`AffineAutoregressive` layer (a MAF layer, or with ``parallel="forward"`` an IAF layer).
+
+    Example::
+
+        >>> affine_autoregressive(3, [16], parallel="forward")(torch.randn(2, 3)).shape
+        torch.Size([2, 3])
+    """
+    hidden = list(hidden_dims) if hidden_dims is not None else default_hidden_dims(input_dim)
+    made = MADE(input_dim, hidden, 2, 0, order, residual, activation)
+    return AffineAutoregressive(made, parallel, scale, log_scale_bound, sequential=sequential)
+
+
+def _permutation(permutation: str) -> Permutation:
+    if permutation == "reverse":
+        warnings.warn(
+            "permutation='reverse' is deprecated; use permutation='reversed' (the spelling of MADE's order)",
+            DeprecationWarning,
+            stacklevel=4,
         )
-
-
-def default_hidden_dims(input_dim: int) -> list[int]:
-    """Two hidden layers of ``max(64, 4 D)`` units."""
-    return [max(64, 4 * input_dim)] * 2
+        return "reversed"
+    check_choice(permutation, PERMUTATIONS, "permutation")
+    return permutation  # type: ignore[return-value]
 
 
 def _orders(input_dim: int, num_transforms: int, permutation: Permutation, seed: int) -> list[Order | Tensor]:
     if permutation == "none":
         return ["natural"] * num_transforms
-    if permutation == "reverse":
+    if permutation == "reversed":
         return ["natural" if i % 2 == 0 else "reversed" for i in range(num_transforms)]
-    if permutation == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return [torch.randperm(input_dim, generator=generator) for _ in range(num_transforms)]
-    raise ValueError(f"permutation: expected 'reverse', 'random' or 'none', got {permutation!r}")
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randperm(input_dim, generator=generator) for _ in range(num_transforms)]
 
 
-def _check_counts(input_dim: int, num_transforms: int, context_dim: int | None = None) -> None:
-    if not isinstance(input_dim, int) or isinstance(input_dim, bool) or input_dim < 1:
-        raise ValueError(f"input_dim: expected a positive int, got {input_dim!r}")
-    if not isinstance(num_transforms, int) or num_transforms < 1:
-        raise ValueError(f"num_transforms: expected a positive int, got {num_transforms!r}")
-    if context_dim is not None and (not isinstance(context_dim, int) or context_dim < 1):
-        raise ValueError(f"context_dim: expected a positive int, got {context_dim!r}")
-
-
-class AutoregressiveOptions(TypedDict, total=False):
-    """Keyword options shared by :func:`maf`, :func:`iaf` and their conditional forms (see :func:`maf`)."""
-
-    permutation: Permutation
-    batch_norm: bool
-    residual: bool
-    activation: Callable[[], nn.Module]
-    scale: Scale
-    log_scale_bound: float
-    seed: int
-    sequential: SequentialMethod
-
-
-def _check_options(factory: str, options: dict[str, object]) -> None:
-    unknown = sorted(set(options) - set(AutoregressiveOptions.__annotations__))
-    if unknown:
-        raise TypeError(
-            f"{factory}: unknown option(s) {unknown}; expected any of {sorted(AutoregressiveOptions.__annotations__)}"
-        )
-
-
-def _autoregressive_stack(
+def autoregressive_stack(
     input_dim: int,
     context_dim: int,
     parallel: Parallel,
     hidden_dims: Sequence[int] | None,
     num_transforms: int,
+    elementwise: ElementwiseMap,
     *,
-    permutation: Permutation = "reverse",
+    permutation: str = "reversed",
     batch_norm: bool = False,
     residual: bool = False,
     activation: Callable[[], nn.Module] = nn.ReLU,
-    scale: Scale = "softclamp",
-    log_scale_bound: float = 3.0,
     seed: int = 0,
     sequential: SequentialMethod = "incremental",
 ) -> list[nn.Module]:
-    _check_counts(input_dim, num_transforms, context_dim or None)
+    """The layers of an autoregressive flow with any element-wise map (MAF, IAF and the spline flows).
+
+    The permutation between layers is folded into each MADE's input order (``"reversed"``
+    alternates natural and reversed orders, ``"random"`` draws orders from ``seed``), which
+    is the same model without a gather.
+    """
+    check_positive_int(input_dim, "input_dim")
+    check_positive_int(num_transforms, "num_transforms")
+    if context_dim:
+        check_positive_int(context_dim, "context_dim")
     check_sequential_method(sequential)
+    permutation = _permutation(permutation)
     hidden = list(hidden_dims) if hidden_dims is not None else default_hidden_dims(input_dim)
     parts: list[nn.Module] = []
     for i, order in enumerate(_orders(input_dim, num_transforms, permutation, seed)):
         if batch_norm and i > 0:
             parts.append(BatchNorm(input_dim))
-        made = MADE(input_dim, hidden, 2, context_dim, order, residual, activation)
+        made = MADE(input_dim, hidden, elementwise.num_params, context_dim, order, residual, activation)
         if context_dim:
-            parts.append(ConditionalAffineAutoregressive(made, parallel, scale, log_scale_bound, sequential))
+            parts.append(ConditionalAutoregressive(made, elementwise, parallel, sequential))
         else:
-            parts.append(AffineAutoregressive(made, parallel, scale, log_scale_bound, sequential=sequential))
+            parts.append(Autoregressive(made, elementwise, parallel, sequential=sequential))
     return parts
+
+
+class AutoregressiveOptions(TypedDict, total=False):
+    """Keyword options of every autoregressive factory (see :func:`maf`)."""
+
+    permutation: Permutation
+    batch_norm: bool
+    residual: bool
+    activation: Callable[[], nn.Module]
+    seed: int
+    sequential: SequentialMethod
+
+
+class AffineAutoregressiveOptions(AutoregressiveOptions, total=False):
+    """Keyword options of :func:`maf`, :func:`iaf` and their conditional forms."""
+
+    scale: Scale
+    log_scale_bound: float
+
+
+def _affine_stack(
+    factory: str,
+    input_dim: int,
+    context_dim: int,
+    parallel: Parallel,
+    hidden_dims: Sequence[int] | None,
+    num_transforms: int,
+    options: AffineAutoregressiveOptions,
+) -> list[nn.Module]:
+    check_options(factory, options, AffineAutoregressiveOptions)
+    rest = dict(options)
+    elementwise = AffineMap(rest.pop("scale", "softclamp"), rest.pop("log_scale_bound", LOG_SCALE_BOUND))  # type: ignore[arg-type]
+    return autoregressive_stack(input_dim, context_dim, parallel, hidden_dims, num_transforms, elementwise, **rest)  # type: ignore[arg-type]
 
 
 def maf(
     input_dim: int,
     hidden_dims: Sequence[int] | None = None,
     num_transforms: int = 5,
-    **options: Unpack[AutoregressiveOptions],
+    **options: Unpack[AffineAutoregressiveOptions],
 ) -> FlowStack:
     """A Masked Autoregressive Flow: ``num_transforms`` MAF layers, one :class:`FlowStack`.
 
     ``log_prob`` of any data costs one MADE pass per layer; sampling is sequential in
     ``D`` but, with the default ``sequential="incremental"``, costs the arithmetic of
     one pass plus ``D`` small steps.
-    The permutation between layers is folded into each MADE's input order
-    (``"reverse"`` alternates natural and reversed orders, ``"random"`` draws
-    orders from ``seed``), which is the same model without a gather.
 
     Args:
         input_dim: the event size D.
         hidden_dims: hidden widths of each MADE (default ``[max(64, 4 D)] * 2``).
         num_transforms: number of MAF layers.
-        permutation: ``"reverse"``, ``"random"`` or ``"none"``.
-        batch_norm: a :class:`BatchNorm` between layers, as in the MAF paper.
-        residual: residual connections inside each MADE.
-        activation: the MADE's nonlinearity class.
-        scale: ``"softclamp"`` (default) or ``"gate"``.
-        log_scale_bound: bound of the soft clamp on the log-scale.
-        seed: seed for random orders.
+        permutation: ``"reversed"`` (default: alternate natural and reversed orders), ``"random"``
+            or ``"none"``, folded into each MADE's order (``"reverse"`` is a deprecated spelling).
+        batch_norm: a :class:`BatchNorm` between layers, as in the MAF paper (default False).
+        residual: residual connections inside each MADE (default False).
+        activation: the MADE's nonlinearity class (default ``nn.ReLU``).
+        scale: ``"softclamp"`` (default) or ``"gate"``
+            (see :func:`~pyro_nf.transforms.elementwise.shift_and_log_scale`).
+        log_scale_bound: bound of the soft clamp on the log-scale (default 3).
+        seed: seed for random orders (default 0).
         sequential: how sampling (the sequential direction) is computed: ``"incremental"``
             (default; one network pass of work plus ``D`` small steps, see
             :meth:`pyro_nf.nn.MADE.sequential`) or ``"reference"`` (``D`` full MADE passes).
@@ -303,15 +390,14 @@ def maf(
         >>> d.log_prob(torch.randn(7, 2)).shape
         torch.Size([7])
     """
-    _check_options("maf", dict(options))
-    return FlowStack(_autoregressive_stack(input_dim, 0, "inverse", hidden_dims, num_transforms, **options))
+    return FlowStack(_affine_stack("maf", input_dim, 0, "inverse", hidden_dims, num_transforms, options))  # type: ignore[arg-type]
 
 
 def iaf(
     input_dim: int,
     hidden_dims: Sequence[int] | None = None,
     num_transforms: int = 5,
-    **options: Unpack[AutoregressiveOptions],
+    **options: Unpack[AffineAutoregressiveOptions],
 ) -> FlowStack:
     """An Inverse Autoregressive Flow: sampling (and ``log_prob`` of its own samples) in one pass.
 
@@ -326,8 +412,7 @@ def iaf(
         >>> from pyro.infer.autoguide import AutoNormalizingFlow
         >>> guide = AutoNormalizingFlow(lambda: None, partial(iaf, hidden_dims=[16]))
     """
-    _check_options("iaf", dict(options))
-    return FlowStack(_autoregressive_stack(input_dim, 0, "forward", hidden_dims, num_transforms, **options))
+    return FlowStack(_affine_stack("iaf", input_dim, 0, "forward", hidden_dims, num_transforms, options))  # type: ignore[arg-type]
 
 
 def conditional_maf(
@@ -335,9 +420,11 @@ def conditional_maf(
     context_dim: int,
     hidden_dims: Sequence[int] | None = None,
     num_transforms: int = 5,
-    **options: Unpack[AutoregressiveOptions],
+    **options: Unpack[AffineAutoregressiveOptions],
 ) -> ConditionalFlowStack:
     """A MAF whose every MADE reads a context; ``.condition(context)`` gives a :class:`FlowStack`.
+
+    Same options as :func:`maf`.
 
     Example::
 
@@ -345,10 +432,9 @@ def conditional_maf(
         >>> flow.condition(torch.randn(3)).inverse_and_log_det(torch.randn(5, 2))[1].shape
         torch.Size([5])
     """
-    _check_options("conditional_maf", dict(options))
-    return ConditionalFlowStack(
-        _autoregressive_stack(input_dim, context_dim, "inverse", hidden_dims, num_transforms, **options)
-    )
+    check_positive_int(context_dim, "context_dim")
+    parts = _affine_stack("conditional_maf", input_dim, context_dim, "inverse", hidden_dims, num_transforms, options)
+    return ConditionalFlowStack(parts)  # type: ignore[arg-type]
 
 
 def conditional_iaf(
@@ -356,9 +442,11 @@ def conditional_iaf(
     context_dim: int,
     hidden_dims: Sequence[int] | None = None,
     num_transforms: int = 5,
-    **options: Unpack[AutoregressiveOptions],
+    **options: Unpack[AffineAutoregressiveOptions],
 ) -> ConditionalFlowStack:
     """An IAF whose every MADE reads a context, as in amortized VAE posteriors (Kingma et al. 2016).
+
+    Same options as :func:`maf`.
 
     Example::
 
@@ -366,7 +454,6 @@ def conditional_iaf(
         >>> flow.condition(torch.randn(5, 3))(torch.randn(5, 2)).shape
         torch.Size([5, 2])
     """
-    _check_options("conditional_iaf", dict(options))
-    return ConditionalFlowStack(
-        _autoregressive_stack(input_dim, context_dim, "forward", hidden_dims, num_transforms, **options)
-    )
+    check_positive_int(context_dim, "context_dim")
+    parts = _affine_stack("conditional_iaf", input_dim, context_dim, "forward", hidden_dims, num_transforms, options)
+    return ConditionalFlowStack(parts)  # type: ignore[arg-type]

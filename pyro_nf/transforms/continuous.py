@@ -45,45 +45,31 @@ Kidger et al., "'Hey, that's not an ODE': Faster ODE Adjoints via Seminorms", IC
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
-from pyro.distributions import ConditionalTransformModule
 from torch import Tensor, nn
 from torch.distributions import constraints
 from torchdiffeq import odeint, odeint_adjoint
 
-from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule, check_context
-from pyro_nf.nn.odefunc import (
-    NOISES,
-    TRACES,
-    Activation,
-    AugmentedDynamics,
-    ConvODENet,
-    Noise,
-    ODENet,
-    Trace,
-    sample_noise,
-)
-from pyro_nf.transforms.multiscale import (
-    check_image_shape,
-    check_squeezable,
-    level_shapes,
-    multiscale_level,
-    squeezed_shape,
+from pyro_nf.checks import check_image_shape, check_positive_int
+from pyro_nf.core import ConditionalFlowTransformModule, FlowStack, FlowTransform, FlowTransformModule
+from pyro_nf.nn.odefunc import Activation, AugmentedDynamics, ConvODENet, Noise, ODENet, Trace, sample_noise
+from pyro_nf.transforms.multiscale import check_squeezable, multiscale, resolve_levels, warn_num_scales
+from pyro_nf.transforms.ode import (
+    AdjointNorm,
+    EndTime,
+    EvalTrace,
+    ODEOptions,
+    SolveStatistics,
+    _SolveRecord,
+    _state_norm,
 )
 
-ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-FIXED_GRID_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun3", "rk4")
-SOLVERS: tuple[str, ...] = ADAPTIVE_SOLVERS + FIXED_GRID_SOLVERS
-EXACT_TRACE_MAX_DIM = 16
-"""With ``eval_trace="auto"``, evaluation mode uses the exact trace up to this event size."""
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-EvalTrace = Literal["auto", "exact", "hutchinson"]
-AdjointNorm = Literal["seminorm", "mixed"]
 VectorField = ODENet | ConvODENet
 VECTOR_FIELDS: tuple[type[nn.Module], ...] = (ODENet, ConvODENet)
 """The vector fields an FFJORD transform accepts: over vectors ``(D,)`` or over images ``(C, H, W)``."""
@@ -92,244 +78,6 @@ VECTOR_FIELDS: tuple[type[nn.Module], ...] = (ODENet, ConvODENet)
 def _check_field(net: object) -> None:
     if not isinstance(net, VECTOR_FIELDS):
         raise TypeError(f"net: expected an ODENet or a ConvODENet, got {type(net).__name__}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class ODEOptions:
-    """The solver and trace options of an FFJORD transform, validated in one place.
-
-    Args:
-        trace: training-mode trace, ``"hutchinson"`` or ``"exact"``.
-        noise: Hutchinson noise, ``"rademacher"`` or ``"gaussian"``.
-        solver: a torchdiffeq method: adaptive ``"dopri5"``, ``"dopri8"``, ``"bosh3"``,
-            ``"fehlberg2"``, ``"adaptive_heun"`` or fixed-grid ``"euler"``, ``"midpoint"``,
-            ``"heun3"``, ``"rk4"``.
-        rtol, atol: tolerances of adaptive solvers.
-        step_size: step of fixed-grid solvers (default 0.25); not allowed with adaptive ones.
-        adjoint: gradients by the adjoint method (``odeint_adjoint``) instead of backpropagation
-            through the solver.
-        adjoint_norm: error control of the adjoint solve: ``"seminorm"`` (default: the state and
-            its adjoint, not the parameter gradients) or ``"mixed"`` (everything).
-        eval_trace: evaluation-mode trace: ``"auto"`` (exact up to ``D = 16``, else Hutchinson),
-            ``"exact"`` or ``"hutchinson"``.
-        eval_solver, eval_rtol, eval_atol, eval_step_size: evaluation-mode solver settings
-            (None: as in training).
-        kinetic_energy, jacobian_norm: RNODE weights ``λ_K``, ``λ_J`` (>= 0); when either is
-            positive the training-mode solve integrates both quantities.
-        max_num_steps: cap on the steps of an adaptive solve (None: no cap).
-
-    Example::
-
-        >>> ODEOptions(solver="rk4", step_size=0.1).resolve(training=True, dim=2).solver
-        'rk4'
-        >>> ODEOptions(solver="rk45")
-        Traceback (most recent call last):
-        ...
-        ValueError: solver: expected one of ['dopri5', 'dopri8', ..., 'rk4'], got 'rk45'
-    """
-
-    trace: Trace = "hutchinson"
-    noise: Noise = "rademacher"
-    solver: str = "dopri5"
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    step_size: float | None = None
-    adjoint: bool = True
-    adjoint_norm: AdjointNorm = "seminorm"
-    eval_trace: EvalTrace = "auto"
-    eval_solver: str | None = None
-    eval_rtol: float | None = None
-    eval_atol: float | None = None
-    eval_step_size: float | None = None
-    kinetic_energy: float = 0.0
-    jacobian_norm: float = 0.0
-    max_num_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        _choice("trace", self.trace, TRACES)
-        _choice("noise", self.noise, NOISES)
-        _choice("eval_trace", self.eval_trace, ("auto", *TRACES))
-        _choice("adjoint_norm", self.adjoint_norm, ("seminorm", "mixed"))
-        for name in ("adjoint",):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
-        for prefix in ("", "eval_"):
-            solver = getattr(self, prefix + "solver")
-            if solver is not None or not prefix:
-                _choice(prefix + "solver", solver, SOLVERS)
-            for name in ("rtol", "atol", "step_size"):
-                value = getattr(self, prefix + name)
-                if value is not None and (not _is_number(value) or value <= 0):
-                    raise ValueError(f"{prefix + name}: expected a positive number, got {value!r}")
-            settings = self.resolve(training=not prefix, dim=1)
-            given_step = getattr(self, prefix + "step_size")
-            if settings.solver in ADAPTIVE_SOLVERS and given_step is not None:
-                raise ValueError(
-                    f"{prefix}step_size: applies to fixed-grid solvers {list(FIXED_GRID_SOLVERS)}, "
-                    f"got step_size={given_step!r} with the adaptive solver {settings.solver!r}"
-                )
-        for name in ("kinetic_energy", "jacobian_norm"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ValueError(f"{name}: expected a non-negative number (an RNODE weight), got {value!r}")
-        if self.max_num_steps is not None and (
-            not isinstance(self.max_num_steps, int) or isinstance(self.max_num_steps, bool) or self.max_num_steps < 1
-        ):
-            raise ValueError(f"max_num_steps: expected a positive int or None, got {self.max_num_steps!r}")
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> ODEOptions:
-        """Build options from keyword arguments; an unknown name is a ValueError listing the known ones."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(kwargs) - set(known))
-        if unknown:
-            raise ValueError(f"unknown FFJORD option(s) {unknown}; expected some of {known}")
-        return cls(**kwargs)
-
-    @property
-    def regularize(self) -> bool:
-        """Whether training-mode solves integrate the RNODE quantities."""
-        return self.kinetic_energy > 0 or self.jacobian_norm > 0
-
-    def resolve(self, training: bool, dim: int) -> _Settings:
-        """The settings of one solve in training or evaluation mode for event size ``dim``."""
-        trace: str
-        if training:
-            solver, rtol, atol, step, trace = self.solver, self.rtol, self.atol, self.step_size, self.trace
-        else:
-            solver = self.eval_solver or self.solver
-            rtol = self.eval_rtol if self.eval_rtol is not None else self.rtol
-            atol = self.eval_atol if self.eval_atol is not None else self.atol
-            step = self.eval_step_size if self.eval_step_size is not None else self.step_size
-            trace = self.eval_trace
-            if trace == "auto":
-                trace = "exact" if dim <= EXACT_TRACE_MAX_DIM else "hutchinson"
-        if solver in FIXED_GRID_SOLVERS and step is None:
-            step = 0.25
-        if solver in ADAPTIVE_SOLVERS:
-            step = None
-        return _Settings(solver, float(rtol), float(atol), step, trace)  # type: ignore[arg-type]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    solver: str
-    rtol: float
-    atol: float
-    step_size: float | None
-    trace: Trace
-
-
-def _choice(name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
-
-
-def _rms(x: Tensor) -> Tensor:
-    return x.square().mean().sqrt()
-
-
-def _state_norm(state: tuple[Tensor, ...]) -> Tensor:
-    """Error norm over ``z`` and the log-det only: the RNODE integrals do not steer the step size."""
-    return torch.maximum(_rms(state[0]), _rms(state[1]))
-
-
-class EndTime(nn.Module):
-    """The integration time ``t1 > 0``: a buffer, or a learned parameter ``t1 = s²``."""
-
-    def __init__(self, t1: float = 1.0, trainable: bool = False) -> None:
-        super().__init__()
-        if not _is_number(t1) or t1 <= 0:
-            raise ValueError(f"t1: expected a positive number, got {t1!r}")
-        if not isinstance(trainable, bool):
-            raise ValueError(f"train_t1: expected True or False, got {trainable!r}")
-        self.trainable = trainable
-        if trainable:
-            self.sqrt_t1 = nn.Parameter(torch.tensor(math.sqrt(t1)))
-        else:
-            self.register_buffer("t1", torch.tensor(float(t1)))
-
-    def forward(self) -> Tensor:
-        if self.trainable:
-            return self.sqrt_t1.square()
-        t1: Tensor = self.t1  # type: ignore[assignment]
-        return t1
-
-
-class _SolveRecord:
-    """What the last solves measured: NFE and the RNODE integrals."""
-
-    def __init__(self) -> None:
-        self.nfe: int = 0
-        self.nfe_forward: int = 0
-        self.nfe_inverse: int = 0
-        self.dynamics: AugmentedDynamics | None = None
-        self.solve_calls: int = 0
-        self.adjoint: bool = False
-        self.kinetic_energy: Tensor | None = None
-        self.jacobian_norm: Tensor | None = None
-
-
-class SolveStatistics:
-    """Read-only access to what the last ODE solve measured (mixed into the FFJORD classes)."""
-
-    _record: _SolveRecord
-    options: ODEOptions
-
-    @property
-    def nfe(self) -> int:
-        """Function evaluations of the last solve (either direction)."""
-        return self._record.nfe
-
-    @property
-    def nfe_forward(self) -> int:
-        """Function evaluations of the last base-to-data solve (``forward_and_log_det``, sampling)."""
-        return self._record.nfe_forward
-
-    @property
-    def nfe_inverse(self) -> int:
-        """Function evaluations of the last data-to-base solve (``inverse_and_log_det``, ``log_prob``)."""
-        return self._record.nfe_inverse
-
-    @property
-    def nfe_adjoint(self) -> int:
-        """Function evaluations of the adjoint solve run by the backward pass through the last solve.
-
-        Zero before that backward pass, and with ``adjoint=False`` (then the backward pass goes
-        through the solver's operations instead of solving an ODE).
-        """
-        record = self._record
-        if record.dynamics is None or not record.adjoint:
-            return 0
-        return record.dynamics.calls - record.solve_calls
-
-    @property
-    def kinetic_energy(self) -> Tensor | None:
-        """Per-sample ``∫‖f‖² dt`` of the last solve (batch shape), or None if it was not integrated."""
-        return self._record.kinetic_energy
-
-    @property
-    def jacobian_norm(self) -> Tensor | None:
-        """Per-sample ``∫‖∂f/∂z‖_F² dt`` (estimate) of the last solve, or None if it was not integrated."""
-        return self._record.jacobian_norm
-
-    def regularization(self) -> Tensor:
-        """RNODE's penalty of the last solve: ``λ_K · mean ∫‖f‖² + λ_J · mean ∫‖J‖_F²``.
-
-        A differentiable scalar to add to the loss (zero when the last solve did
-        not integrate the RNODE quantities: evaluation mode, or both weights zero).
-        """
-        record = self._record
-        if record.kinetic_energy is None or record.jacobian_norm is None:
-            return torch.zeros(())
-        return (
-            self.options.kinetic_energy * record.kinetic_energy.mean()
-            + self.options.jacobian_norm * record.jacobian_norm.mean()
-        )
 
 
 class ConditionedFFJORD(SolveStatistics, FlowTransform):
@@ -374,10 +122,10 @@ class ConditionedFFJORD(SolveStatistics, FlowTransform):
     def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
         return (self.net, self.end_time, self.context)
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._solve(x, forward=True)
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return self._solve(y, forward=False)
 
     def _solve(self, value: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
@@ -494,7 +242,7 @@ class FFJORD(ConditionedFFJORD, FlowTransformModule):
         super().__init__(net, EndTime(t1, train_t1), options or ODEOptions(), None, None, cache_size)
 
 
-class ConditionalFFJORD(SolveStatistics, ConditionalTransformModule):
+class ConditionalFFJORD(SolveStatistics, ConditionalFlowTransformModule):
     """A continuous normalizing flow whose vector field reads a context; ``.condition(context)`` gives the transform.
 
     The context enters every concat-squash layer's gate and shift. Statistics
@@ -516,12 +264,12 @@ class ConditionalFFJORD(SolveStatistics, ConditionalTransformModule):
         if net.context_dim < 1:
             raise ValueError("ConditionalFFJORD: the vector field needs context_dim >= 1")
         self.net = net
+        self.context_dim = net.context_dim
         self.end_time = EndTime(t1, train_t1)
         self.options = options or ODEOptions()
         self._record = _SolveRecord()
 
-    def condition(self, context: Tensor) -> ConditionedFFJORD:
-        check_context(context, self.net.context_dim, next(self.net.parameters()))
+    def _condition(self, context: Tensor) -> ConditionedFFJORD:
         return ConditionedFFJORD(self.net, self.end_time, self.options, context, self._record)
 
     def __getstate__(self) -> dict[str, object]:
@@ -535,54 +283,73 @@ def default_ffjord_hidden_dims(input_dim: int) -> list[int]:
     return [max(64, 4 * input_dim)] * 3
 
 
-def _build(
-    input_dim: int,
-    context_dim: int,
-    hidden_dims: Sequence[int] | None,
-    activation: Activation,
-    zero_init: bool,
-    solver_kwargs: dict[str, Any],
-) -> tuple[ODENet, ODEOptions]:
-    if not isinstance(input_dim, int) or isinstance(input_dim, bool) or input_dim < 1:
-        raise ValueError(f"input_dim: expected a positive int, got {input_dim!r}")
+class SolverOptions(TypedDict, total=False):
+    """The solver options of every FFJORD factory (the fields of :class:`~pyro_nf.transforms.ode.ODEOptions`)."""
+
+    trace: Trace
+    noise: Noise
+    solver: str
+    rtol: float
+    atol: float
+    step_size: float | None
+    adjoint: bool
+    adjoint_norm: AdjointNorm
+    eval_trace: EvalTrace
+    eval_solver: str | None
+    eval_rtol: float | None
+    eval_atol: float | None
+    eval_step_size: float | None
+    kinetic_energy: float
+    jacobian_norm: float
+    max_num_steps: int | None
+
+
+class FFJORDOptions(SolverOptions, total=False):
+    """Keyword options of :func:`ffjord` and :func:`conditional_ffjord`."""
+
+    t1: float
+    train_t1: bool
+    activation: Activation
+    zero_init: bool
+
+
+def _split_options(options: dict[str, Any], own: type) -> tuple[dict[str, Any], ODEOptions]:
+    """The factory's own options (the keys of ``own`` beyond the solver's), and :class:`ODEOptions` from the rest.
+
+    An unknown name reaches :meth:`ODEOptions.from_kwargs`, whose ``ValueError`` lists the known ones.
+    """
+    own_keys = set(own.__optional_keys__) - set(SolverOptions.__optional_keys__)  # type: ignore[attr-defined]
+    rest = {k: v for k, v in options.items() if k in own_keys}
+    return rest, ODEOptions.from_kwargs(**{k: v for k, v in options.items() if k not in own_keys})
+
+
+def _field(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None, options: dict[str, Any]):  # type: ignore[no-untyped-def]
+    check_positive_int(input_dim, "input_dim")
+    rest, ode_options = _split_options(options, FFJORDOptions)
     hidden = list(hidden_dims) if hidden_dims is not None else default_ffjord_hidden_dims(input_dim)
-    options = ODEOptions.from_kwargs(**solver_kwargs)
-    return ODENet(input_dim, hidden, context_dim, activation, zero_init), options
+    net = ODENet(input_dim, hidden, context_dim, rest.get("activation", "softplus"), rest.get("zero_init", True))
+    return net, rest.get("t1", 1.0), rest.get("train_t1", False), ode_options
 
 
-def ffjord(
-    input_dim: int,
-    hidden_dims: Sequence[int] | None = None,
-    *,
-    trace: Trace = "hutchinson",
-    noise: Noise = "rademacher",
-    solver: str = "dopri5",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    t1: float = 1.0,
-    train_t1: bool = False,
-    adjoint: bool = True,
-    activation: Activation = "softplus",
-    zero_init: bool = True,
-    **options: Any,
-) -> FFJORD:
+def ffjord(input_dim: int, hidden_dims: Sequence[int] | None = None, **options: Unpack[FFJORDOptions]) -> FFJORD:
     """FFJORD: a continuous normalizing flow over vectors, one ODE solve per direction.
 
     Args:
         input_dim: the event size D.
         hidden_dims: hidden widths of the vector field (default ``[max(64, 4 D)] * 3``).
-        trace: training-mode trace estimator, ``"hutchinson"`` or ``"exact"``.
-        noise: Hutchinson noise, ``"rademacher"`` or ``"gaussian"``.
-        solver: torchdiffeq method (see :class:`ODEOptions`); ``"rk4"`` with ``step_size`` for RNODE-style training.
-        rtol, atol: tolerances of adaptive solvers.
-        t1: integration time.
-        train_t1: learn ``t1``.
+        trace: training-mode trace estimator, ``"hutchinson"`` (default) or ``"exact"``.
+        noise: Hutchinson noise, ``"rademacher"`` (default) or ``"gaussian"``.
+        solver: torchdiffeq method (default ``"dopri5"``, see :class:`~pyro_nf.transforms.ode.ODEOptions`);
+            ``"rk4"`` with ``step_size`` for RNODE-style training.
+        rtol, atol: tolerances of adaptive solvers (default 1e-5).
+        t1: integration time (default 1).
+        train_t1: learn ``t1`` (default False).
         adjoint: gradients by the adjoint method (default) or through the solver.
-        activation: ``"softplus"``, ``"tanh"``, ``"elu"`` or ``"silu"``.
-        zero_init: start the vector field's last layer at zero (the flow starts at the identity).
-        **options: further :class:`ODEOptions`: ``step_size``, ``adjoint_norm``, ``eval_trace``,
-            ``eval_solver``, ``eval_rtol``, ``eval_atol``, ``eval_step_size``, ``kinetic_energy``,
-            ``jacobian_norm``, ``max_num_steps``.
+        activation: ``"softplus"`` (default), ``"tanh"``, ``"elu"`` or ``"silu"``.
+        zero_init: start the vector field's last layer at zero (default True: the flow starts at the identity).
+        step_size, adjoint_norm, eval_trace, eval_solver, eval_rtol, eval_atol, eval_step_size,
+            kinetic_energy, jacobian_norm, max_num_steps: further
+            :class:`~pyro_nf.transforms.ode.ODEOptions`.
 
     Example::
 
@@ -594,33 +361,12 @@ def ffjord(
         >>> flow.nfe_inverse > 0 and flow.nfe_adjoint > 0
         True
     """
-    net, opts = _build(
-        input_dim,
-        0,
-        hidden_dims,
-        activation,
-        zero_init,
-        dict(trace=trace, noise=noise, solver=solver, rtol=rtol, atol=atol, adjoint=adjoint, **options),
-    )
-    return FFJORD(net, t1, train_t1, opts)
+    net, t1, train_t1, ode_options = _field(input_dim, 0, hidden_dims, dict(options))
+    return FFJORD(net, t1, train_t1, ode_options)
 
 
 def conditional_ffjord(
-    input_dim: int,
-    context_dim: int,
-    hidden_dims: Sequence[int] | None = None,
-    *,
-    trace: Trace = "hutchinson",
-    noise: Noise = "rademacher",
-    solver: str = "dopri5",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    t1: float = 1.0,
-    train_t1: bool = False,
-    adjoint: bool = True,
-    activation: Activation = "softplus",
-    zero_init: bool = True,
-    **options: Any,
+    input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None, **options: Unpack[FFJORDOptions]
 ) -> ConditionalFFJORD:
     """FFJORD whose vector field also reads a context; same options as :func:`ffjord`.
 
@@ -632,52 +378,50 @@ def conditional_ffjord(
         >>> y.shape, flow.nfe == t.nfe
         (torch.Size([5, 2]), True)
     """
-    if not isinstance(context_dim, int) or isinstance(context_dim, bool) or context_dim < 1:
-        raise ValueError(f"context_dim: expected a positive int, got {context_dim!r}")
-    net, opts = _build(
-        input_dim,
-        context_dim,
-        hidden_dims,
-        activation,
-        zero_init,
-        dict(trace=trace, noise=noise, solver=solver, rtol=rtol, atol=atol, adjoint=adjoint, **options),
-    )
-    return ConditionalFFJORD(net, t1, train_t1, opts)
+    check_positive_int(context_dim, "context_dim")
+    net, t1, train_t1, ode_options = _field(input_dim, context_dim, hidden_dims, dict(options))
+    return ConditionalFFJORD(net, t1, train_t1, ode_options)
+
+
+class MultiscaleFFJORDOptions(SolverOptions, total=False):
+    """Keyword options of :func:`ffjord_multiscale`."""
+
+    t1: float
+    train_t1: bool
+    activation: Activation
+    zero_init: bool
+    kernel_size: int
 
 
 def ffjord_multiscale(
     input_shape: Sequence[int],
-    num_scales: int = 2,
+    *,
+    levels: int | None = None,
     blocks_per_scale: int = 2,
     hidden_channels: int | Sequence[int] = 64,
-    trace: Trace = "hutchinson",
-    *,
-    t1: float = 1.0,
-    train_t1: bool = False,
-    activation: Activation = "softplus",
-    zero_init: bool = True,
-    kernel_size: int = 3,
-    **ode_options: Any,
+    num_scales: int | None = None,
+    **options: Unpack[MultiscaleFFJORDOptions],
 ) -> FlowStack:
     """FFJORD's multiscale image CNF (the "ODENVP" of its image experiments) as one bijection over ``(C, H, W)``.
 
-    In the data-to-noise direction each scale ``s`` integrates ``blocks_per_scale``
-    CNF blocks over the current tensor, squeezes it
+    In the data-to-noise direction each of the ``levels`` levels integrates
+    ``blocks_per_scale`` CNF blocks over the current tensor, squeezes it
     (``(C, H, W) -> (4C, H/2, W/2)``), integrates ``blocks_per_scale`` more CNF blocks
     and factors out half of the channels, which are standard Normal noise from then on;
-    the last scale has its CNF blocks only (no squeeze, no factor-out). Every block is an
-    :class:`FFJORD` transform whose field is a :class:`~pyro_nf.nn.odefunc.ConvODENet`
-    (3x3 concat-squash convolutions). With blocks ``k = 1 .. K`` the log-density is
+    a final block of ``blocks_per_scale`` CNF blocks works on what is left (no squeeze, no
+    factor-out). Every block is an :class:`FFJORD` transform whose field is a
+    :class:`~pyro_nf.nn.odefunc.ConvODENet` (3x3 concat-squash convolutions). With blocks
+    ``k = 1 .. K`` the log-density is
 
     .. math::
 
         \\log p(x) = \\log \\mathcal{N}(z; 0, I)
         - \\sum_{k=1}^{K} \\int_0^{t_1} \\operatorname{Tr}\\frac{\\partial f_k}{\\partial z_k}(z_k(t), t)\\,dt ,
 
-    where ``z`` is the concatenation of every factored-out half and the last scale's
+    where ``z`` is the concatenation of every factored-out half and the final block's
     output (the squeezes and the factor-outs are permutations: log-det 0). As in
     :func:`~pyro_nf.transforms.multiscale.realnvp_multiscale` the factored-out channels are
-    carried through unchanged and each scale undoes its squeeze, so the base is a standard
+    carried through unchanged and each level undoes its squeeze, so the base is a standard
     Normal of the image's shape::
 
         TransformedDistribution(Normal(0, 1).expand(shape).to_event(3), [ffjord_multiscale(shape)])
@@ -688,24 +432,26 @@ def ffjord_multiscale(
     pass, ``sum(m.regularization() ...)`` the RNODE penalty).
 
     Args:
-        input_shape: the image shape ``(C, H, W)``; H and W divisible by ``2 ** (num_scales - 1)``.
-        num_scales: number of scales (``num_scales - 1`` squeezes and factor-outs).
-        blocks_per_scale: CNF blocks before and after each squeeze (2 in the paper).
+        input_shape: the image shape ``(C, H, W)``; H and W divisible by ``2 ** levels``.
+        levels: number of squeezes and factor-outs (default 1).
+        blocks_per_scale: CNF blocks before and after each squeeze, and in the final block (2 in the paper).
         hidden_channels: hidden widths of every field: an int ``h`` gives ``[h, h, h]`` (the
             paper's 64, 64, 64), or a list of widths.
-        trace: training-mode trace, ``"hutchinson"`` or ``"exact"`` (``C H W`` vector-Jacobian
-            products per evaluation: for tiny images only).
+        num_scales: deprecated, ``levels + 1``.
+        trace: training-mode trace, ``"hutchinson"`` (default) or ``"exact"`` (``C H W``
+            vector-Jacobian products per evaluation: for tiny images only).
         t1, train_t1: integration time of every block, learned or not.
         activation, zero_init: see :class:`~pyro_nf.nn.odefunc.ConvODENet`; with ``zero_init`` the
             whole flow starts at the identity.
-        kernel_size: odd kernel size of the convolutions.
-        **ode_options: further :class:`ODEOptions` (``noise``, ``solver``, ``rtol``, ``atol``,
-            ``adjoint``, ``eval_trace``, ``kinetic_energy``, ...), shared by every block.
+        kernel_size: odd kernel size of the convolutions (default 3).
+        noise, solver, rtol, atol, adjoint, eval_trace, kinetic_energy, ...: the solver options of
+            :func:`ffjord`, shared by every block.
 
     Example::
 
         >>> _ = torch.manual_seed(0)
-        >>> flow = ffjord_multiscale((1, 4, 4), 2, 1, [4], "exact", zero_init=False, rtol=1e-7, atol=1e-7)
+        >>> flow = ffjord_multiscale((1, 4, 4), levels=1, blocks_per_scale=1, hidden_channels=[4], trace="exact",
+        ...                          zero_init=False, rtol=1e-7, atol=1e-7)
         >>> sum(isinstance(m, FFJORD) for m in flow.modules())  # 1 block, squeeze, 1 block, factor out; 1 block
         3
         >>> x = torch.randn(2, 1, 4, 4)
@@ -713,38 +459,35 @@ def ffjord_multiscale(
         >>> x_back, log_det_back = flow.inverse_and_log_det(y)
         >>> bool(torch.allclose(x_back, x, atol=1e-4)), bool(torch.allclose(log_det_back, log_det, atol=1e-4))
         (True, True)
-        >>> ffjord_multiscale((1, 6, 6), num_scales=3)
+        >>> ffjord_multiscale((1, 6, 6), levels=2)
         Traceback (most recent call last):
         ...
-        ValueError: ffjord_multiscale: input_shape (1, 6, 6) does not fit num_scales = 3: ...
+        ValueError: ffjord_multiscale: input_shape (1, 6, 6) does not fit levels = 2: ...
 
     Grathwohl et al., "FFJORD: Free-form Continuous Dynamics for Scalable Reversible
     Generative Models", ICLR 2019, section 4.2 and appendix; Dinh et al., "Density
     estimation using Real NVP", ICLR 2017 (the multiscale architecture).
     """
     shape = check_image_shape(input_shape)
-    for value, name in ((num_scales, "num_scales"), (blocks_per_scale, "blocks_per_scale")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    levels, named = resolve_levels("ffjord_multiscale", levels, num_scales, 1)
+    check_positive_int(blocks_per_scale, "blocks_per_scale")
     if isinstance(hidden_channels, bool):
         raise ValueError(f"hidden_channels: expected a positive int or a list of them, got {hidden_channels!r}")
     hidden = [hidden_channels] * 3 if isinstance(hidden_channels, int) else list(hidden_channels)
-    check_squeezable(shape, num_scales - 1, "ffjord_multiscale", f"num_scales = {num_scales}")
-    options = ODEOptions.from_kwargs(trace=trace, **ode_options)
+    check_squeezable(shape, levels, "ffjord_multiscale", named)
+    rest, ode_options = _split_options(dict(options), MultiscaleFFJORDOptions)
+    warn_num_scales("ffjord_multiscale", num_scales)
+    t1, train_t1 = rest.get("t1", 1.0), rest.get("train_t1", False)
+    activation, zero_init, kernel = (
+        rest.get("activation", "softplus"),
+        rest.get("zero_init", True),
+        rest.get("kernel_size", 3),
+    )
 
-    def blocks(s: tuple[int, int, int]) -> list[FFJORD]:
+    def blocks(s: tuple[int, int, int], level: int = 0) -> list[FFJORD]:
         return [
-            FFJORD(ConvODENet(s, hidden, 0, activation, zero_init, kernel_size), t1, train_t1, options)
+            FFJORD(ConvODENet(s, hidden, 0, activation, zero_init, kernel), t1, train_t1, ode_options)
             for _ in range(blocks_per_scale)
         ]
 
-    shapes = level_shapes(shape, num_scales)
-    inner: FlowTransform | None = None
-    for i in reversed(range(num_scales)):
-        s = shapes[i]
-        last = i == num_scales - 1
-        after = [] if last else blocks(squeezed_shape(s))
-        inner = FlowStack(multiscale_level(s, blocks(s), after, None if last else inner, None, squeeze=not last))
-    if not isinstance(inner, FlowStack):  # num_scales >= 1, so the loop ran
-        raise RuntimeError("ffjord_multiscale: no scale was built")
-    return inner
+    return multiscale(shape, levels, before=blocks, after=blocks, final=blocks)

@@ -1,18 +1,26 @@
-"""Affine coupling layers for vectors (RealNVP).
+"""Coupling layers: one skeleton (split, condition, transform element-wise, merge), and RealNVP for vectors.
 
-The input splits into a kept part ``x_a`` and a transformed part ``x_b``:
+The input splits into a kept part ``x_a`` and a transformed part ``x_b``; a network of
+the kept part (and of a context) gives the raw parameters of an element-wise map ``g``
+(:mod:`pyro_nf.transforms.elementwise`):
 
 .. math::
 
-    y_a = x_a, \\qquad y_b = x_b \\odot \\exp(\\alpha(x_a)) + \\mu(x_a),
-    \\qquad \\log|\\det \\partial y / \\partial x| = \\textstyle\\sum \\alpha(x_a).
+    y_a = x_a, \\qquad y_b = g(x_b; \\theta(x_a)), \\qquad
+    \\log|\\det \\partial y / \\partial x| = \\textstyle\\sum \\log g'(x_b; \\theta(x_a)).
 
-Both directions cost one network pass. Layers alternate which part is kept:
-``mask="half"`` splits into contiguous halves (even layers keep the first
-``floor(D/2)`` entries, odd layers the last ``floor(D/2)``), ``mask="alternate"``
-keeps the even-indexed entries in even layers and the odd-indexed ones in odd
-layers (the checkerboard of the RealNVP paper, for vectors). With ``D = 1`` the
-kept part is empty and the layer is a learned element-wise affine map.
+Both directions cost one network pass. :class:`ConditionedCoupling` is that skeleton; the
+split decides what is kept (a :class:`CouplingSplit` of a vector here, the channel and
+checkerboard splits of :mod:`pyro_nf.transforms.image_coupling` for images) and the map
+what is done to the rest (affine for RealNVP, additive for NICE, the rational-quadratic
+spline for neural spline flows).
+
+RealNVP for vectors (:func:`realnvp`) alternates which part is kept: ``mask="half"``
+splits into contiguous halves (even layers keep the first ``floor(D/2)`` entries, odd
+layers the last ``floor(D/2)``), ``mask="alternate"`` keeps the even-indexed entries in
+even layers and the odd-indexed ones in odd layers (the checkerboard of the RealNVP paper,
+for vectors). With ``D = 1`` the kept part is empty and the layer is a learned
+element-wise map.
 
 Dinh et al., "Density estimation using Real NVP", ICLR 2017.
 """
@@ -20,33 +28,63 @@ Dinh et al., "Density estimation using Real NVP", ICLR 2017.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
 
 import torch
-from pyro.distributions import ConditionalTransformModule
 from torch import Tensor, nn
+from torch.distributions import constraints
 
-from pyro_nf.core import ConditionalFlowStack, FlowStack, FlowTransform, FlowTransformModule, check_context
-from pyro_nf.nn.nets import MLP
-from pyro_nf.transforms.affine import Scale, check_scale, shift_and_log_scale
-from pyro_nf.transforms.autoregressive import _check_counts, default_hidden_dims
+from pyro_nf.checks import check_choice, check_options, check_positive_int
+from pyro_nf.core import (
+    ConditionalFlowStack,
+    ConditionalFlowTransformModule,
+    FlowStack,
+    FlowTransform,
+    FlowTransformModule,
+)
+from pyro_nf.nn.nets import MLP, default_hidden_dims
+from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, ElementwiseMap, Scale
 from pyro_nf.transforms.normalization import BatchNorm
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 Mask = Literal["half", "alternate"]
+MASKS: tuple[Mask, ...] = ("half", "alternate")
+
+
+class Split(Protocol):
+    """Which part of the input a coupling layer keeps, and how the network's output lays out the parameters."""
+
+    input_shape: tuple[int, ...]
+    event_dims: int
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(network input, the part the map transforms)``."""
+        ...
+
+    def params(self, raw: Tensor, num_params: int) -> Sequence[Tensor]:
+        """The map's ``P`` raw parameters, each shaped like the transformed part, from the network's output."""
+        ...
+
+    def join(self, x_a: Tensor, x_b: Tensor, y_b: Tensor) -> Tensor:
+        """The output from the kept part, the transformed part and its image."""
+        ...
+
+    def log_det(self, ladj: Tensor) -> Tensor:
+        """The element-wise ``log g'`` summed over the event (of the entries the layer moves)."""
+        ...
 
 
 def coupling_mask(input_dim: int, layer: int, mask: Mask = "half") -> Tensor:
     """Boolean mask of the kept entries of coupling layer number ``layer``."""
+    check_choice(mask, MASKS, "mask")
     index = torch.arange(input_dim)
     if mask == "half":
-        kept = index < input_dim // 2 if layer % 2 == 0 else index >= input_dim - input_dim // 2
-    elif mask == "alternate":
-        kept = index % 2 == layer % 2
-        if input_dim == 1:
-            kept = torch.zeros(1, dtype=torch.bool)
-    else:
-        raise ValueError(f"mask: expected 'half' or 'alternate', got {mask!r}")
-    return kept
+        return index < input_dim // 2 if layer % 2 == 0 else index >= input_dim - input_dim // 2
+    if input_dim == 1:
+        return torch.zeros(1, dtype=torch.bool)
+    return index % 2 == layer % 2
 
 
 def split_indices(kept: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,10 +117,11 @@ class CouplingSplit(nn.Module):
 
         >>> split = CouplingSplit(coupling_mask(5, 0))
         >>> kept, moved = split.split(torch.arange(5.0))
-        >>> kept.tolist(), moved.tolist(), split.join(kept, moved).tolist()
+        >>> kept.tolist(), moved.tolist(), split.join(kept, moved, moved).tolist()
         ([0.0, 1.0], [2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0, 4.0])
     """
 
+    event_dims = 1
     kept_index: Tensor
     moved_index: Tensor
     restore_index: Tensor
@@ -92,6 +131,7 @@ class CouplingSplit(nn.Module):
         for name, index in zip(("kept_index", "moved_index", "restore_index"), split_indices(kept)):
             self.register_buffer(name, index)
         self.input_dim = kept.numel()
+        self.input_shape = (self.input_dim,)
         self.block = contiguous_split(kept)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,18 +143,98 @@ class CouplingSplit(nn.Module):
         first, last = x[..., :cut], x[..., cut:]
         return (first, last) if block[0] else (last, first)
 
-    def join(self, y_kept: Tensor, y_moved: Tensor) -> Tensor:
-        """The inverse of :meth:`split`."""
+    def params(self, raw: Tensor, num_params: int) -> Sequence[Tensor]:
+        return raw.chunk(num_params, dim=-1)
+
+    def join(self, x_a: Tensor, x_b: Tensor, y_b: Tensor) -> Tensor:
+        """The inverse of :meth:`split` (the kept part broadcast to the batch of ``y_b``)."""
+        y_a = x_a.expand(*y_b.shape[:-1], x_a.shape[-1])
         block = self.block
         if block is None:
-            return torch.cat([y_kept, y_moved], -1).index_select(-1, self.restore_index)
-        return torch.cat([y_kept, y_moved] if block[0] else [y_moved, y_kept], -1)
+            return torch.cat([y_a, y_b], -1).index_select(-1, self.restore_index)
+        return torch.cat([y_a, y_b] if block[0] else [y_b, y_a], -1)
+
+    def log_det(self, ladj: Tensor) -> Tensor:
+        return ladj.sum(-1)
 
 
-class ConditionedAffineCoupling(FlowTransform):
-    """The math of an affine coupling layer, given its network, split and an optional context."""
+class ConditionedCoupling(FlowTransform):
+    """The math of a coupling layer, given its network, split, element-wise map and an optional context.
+
+    Args:
+        net: the conditioner, called as ``net(x_a)`` (``net(x_a, context)`` with a context); its
+            output is laid out by the split into the map's ``P`` raw parameters.
+        split: what is kept (see :class:`Split`).
+        elementwise: the element-wise map (see :mod:`pyro_nf.transforms.elementwise`).
+        context: the context ``(..., context_dim)`` or None.
+        cache_size: 1 to keep the last pair computed (see :class:`~pyro_nf.core.FlowTransform`), or 0.
+    """
 
     parallel = "both"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        split: Split,
+        elementwise: ElementwiseMap,
+        context: Tensor | None = None,
+        cache_size: int = 1,
+    ) -> None:
+        super().__init__(cache_size=cache_size)
+        if not isinstance(elementwise, ElementwiseMap):
+            raise TypeError(f"elementwise: expected an element-wise map, got {type(elementwise).__name__}")
+        self.net = net
+        self.split = split
+        self.elementwise = elementwise
+        self.context = context
+        self.input_shape = tuple(split.input_shape)
+        if split.event_dims != 1:
+            self.domain = self.codomain = constraints.independent(constraints.real, split.event_dims)
+
+    def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
+        return (self.net, self.context)
+
+    def _couple(self, x: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
+        x_a, x_b = self.split.split(x)
+        raw = self.net(x_a) if self.context is None else self.net(x_a, self.context)
+        params = self.split.params(raw, self.elementwise.num_params)
+        g = self.elementwise.forward if forward else self.elementwise.inverse
+        y_b, ladj = g(x_b, params)
+        y = self.split.join(x_a, x_b, y_b)
+        if self.elementwise.volume_preserving:  # zeros that stay in the graph, so backward() runs on a kept pair
+            return y, (params[0].flatten()[:1] * 0).sum().expand(y.shape[: y.dim() - self.split.event_dims])
+        return y, self.split.log_det(ladj)
+
+    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._couple(x, forward=True)
+
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self._couple(y, forward=False)
+
+
+class Coupling(ConditionedCoupling, FlowTransformModule):
+    """A learnable coupling layer with any element-wise map (its network and split are submodules)."""
+
+    def __init__(self, net: nn.Module, split: Split, elementwise: ElementwiseMap, cache_size: int = 1) -> None:
+        super().__init__(net, split, elementwise, None, cache_size)
+
+
+class ConditionalCoupling(ConditionalFlowTransformModule):
+    """A coupling layer whose network also reads a context; ``.condition(context)`` gives the layer."""
+
+    def __init__(self, net: nn.Module, split: Split, elementwise: ElementwiseMap, context_dim: int) -> None:
+        super().__init__()
+        self.net = net
+        self.split = split
+        self.elementwise = elementwise
+        self.context_dim = check_positive_int(context_dim, "context_dim")
+
+    def _condition(self, context: Tensor) -> ConditionedCoupling:
+        return ConditionedCoupling(self.net, self.split, self.elementwise, context)
+
+
+class ConditionedAffineCoupling(ConditionedCoupling):
+    """An affine coupling layer at one context: :class:`ConditionedCoupling` with an :class:`AffineMap`."""
 
     def __init__(
         self,
@@ -122,37 +242,13 @@ class ConditionedAffineCoupling(FlowTransform):
         split: CouplingSplit,
         context: Tensor | None = None,
         scale: Scale = "softclamp",
-        log_scale_bound: float = 3.0,
+        log_scale_bound: float = LOG_SCALE_BOUND,
         cache_size: int = 1,
     ) -> None:
-        super().__init__(cache_size=cache_size)
-        check_scale(scale, log_scale_bound)
-        self.net = net
-        self.split = split
-        self.context = context
-        self.scale = scale
-        self.log_scale_bound = log_scale_bound
-        self.input_shape = (split.input_dim,)
-
-    def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
-        return (self.net, self.context)
-
-    def _couple(self, x: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
-        x_a, x_b = self.split.split(x)
-        a, b = self.net(x_a, self.context).chunk(2, dim=-1)
-        mu, alpha = shift_and_log_scale(a, b, self.scale, self.log_scale_bound)
-        y_b = x_b * alpha.exp() + mu if forward else (x_b - mu) * (-alpha).exp()
-        y_a = x_a.expand(*y_b.shape[:-1], x_a.shape[-1])
-        return self.split.join(y_a, y_b), alpha.sum(-1)
-
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._couple(x, forward=True)
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._couple(y, forward=False)
+        super().__init__(net, split, AffineMap(scale, log_scale_bound), context, cache_size)
 
 
-class AffineCoupling(ConditionedAffineCoupling, FlowTransformModule):
+class AffineCoupling(Coupling):
     """A learnable affine coupling layer keeping the entries where ``kept`` is True.
 
     Example::
@@ -168,65 +264,111 @@ class AffineCoupling(ConditionedAffineCoupling, FlowTransformModule):
         net: nn.Module,
         kept: Tensor,
         scale: Scale = "softclamp",
-        log_scale_bound: float = 3.0,
+        log_scale_bound: float = LOG_SCALE_BOUND,
         cache_size: int = 1,
     ) -> None:
-        super().__init__(net, CouplingSplit(kept), None, scale, log_scale_bound, cache_size)
+        super().__init__(net, CouplingSplit(kept), AffineMap(scale, log_scale_bound), cache_size)
 
 
-class ConditionalAffineCoupling(ConditionalTransformModule):
+class ConditionalAffineCoupling(ConditionalCoupling):
     """An affine coupling layer whose network also reads a context."""
 
-    def __init__(self, net: MLP, kept: Tensor, scale: Scale = "softclamp", log_scale_bound: float = 3.0) -> None:
-        super().__init__()
-        check_scale(scale, log_scale_bound)
-        self.net = net
-        self.scale = scale
-        self.log_scale_bound = log_scale_bound
-        self.split = CouplingSplit(kept)
-
-    def condition(self, context: Tensor) -> ConditionedAffineCoupling:
-        check_context(context, self.net.context_dim, self.net.output_layer.weight)
-        return ConditionedAffineCoupling(self.net, self.split, context, self.scale, self.log_scale_bound)
+    def __init__(
+        self, net: MLP, kept: Tensor, scale: Scale = "softclamp", log_scale_bound: float = LOG_SCALE_BOUND
+    ) -> None:
+        super().__init__(net, CouplingSplit(kept), AffineMap(scale, log_scale_bound), net.context_dim)
 
 
-def _coupling_stack(
+def affine_coupling(
+    input_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    *,
+    layer: int = 0,
+    mask: Mask = "half",
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    scale: Scale = "softclamp",
+    log_scale_bound: float = LOG_SCALE_BOUND,
+) -> AffineCoupling:
+    """One :class:`AffineCoupling` over ``(input_dim,)`` with its network built to fit (``layer`` picks the mask).
+
+    Example::
+
+        >>> affine_coupling(4, [16], layer=1)(torch.randn(2, 4)).shape
+        torch.Size([2, 4])
+    """
+    kept = coupling_mask(input_dim, layer, mask)
+    num_kept = int(kept.sum())
+    hidden = list(hidden_dims) if hidden_dims is not None else default_hidden_dims(input_dim)
+    net = MLP(num_kept, hidden, 2 * (input_dim - num_kept), 0, activation)
+    return AffineCoupling(net, kept, scale, log_scale_bound)
+
+
+def coupling_stack(
     input_dim: int,
     context_dim: int,
     hidden_dims: Sequence[int] | None,
     num_transforms: int,
-    mask: Mask,
-    batch_norm: bool,
-    activation: Callable[[], nn.Module],
-    scale: Scale,
-    log_scale_bound: float,
+    elementwise: ElementwiseMap,
+    *,
+    mask: Mask = "half",
+    batch_norm: bool = False,
+    activation: Callable[[], nn.Module] = nn.ReLU,
 ) -> list[nn.Module]:
-    _check_counts(input_dim, num_transforms, context_dim or None)
+    """The layers of a vector coupling flow with any element-wise map (used by :func:`realnvp` and the spline flows)."""
+    check_positive_int(input_dim, "input_dim")
+    check_positive_int(num_transforms, "num_transforms")
+    if context_dim:
+        check_positive_int(context_dim, "context_dim")
+    check_choice(mask, MASKS, "mask")
     hidden = list(hidden_dims) if hidden_dims is not None else default_hidden_dims(input_dim)
     parts: list[nn.Module] = []
     for i in range(num_transforms):
         if batch_norm and i > 0:
             parts.append(BatchNorm(input_dim))
-        kept = coupling_mask(input_dim, i, mask)
-        num_kept = int(kept.sum())
-        net = MLP(num_kept, hidden, 2 * (input_dim - num_kept), context_dim, activation)
+        split = CouplingSplit(coupling_mask(input_dim, i, mask))
+        num_kept = split.kept_index.numel()
+        net = MLP(num_kept, hidden, elementwise.num_params * (input_dim - num_kept), context_dim, activation)
         if context_dim:
-            parts.append(ConditionalAffineCoupling(net, kept, scale, log_scale_bound))
+            parts.append(ConditionalCoupling(net, split, elementwise, context_dim))
         else:
-            parts.append(AffineCoupling(net, kept, scale, log_scale_bound))
+            parts.append(Coupling(net, split, elementwise))
     return parts
+
+
+class CouplingOptions(TypedDict, total=False):
+    """Keyword options of every vector coupling factory (see :func:`realnvp`)."""
+
+    mask: Mask
+    batch_norm: bool
+    activation: Callable[[], nn.Module]
+
+
+class AffineCouplingOptions(CouplingOptions, total=False):
+    """Keyword options of :func:`realnvp` and :func:`conditional_realnvp`."""
+
+    scale: Scale
+    log_scale_bound: float
+
+
+def _affine_stack(
+    factory: str,
+    input_dim: int,
+    context_dim: int,
+    hidden_dims: Sequence[int] | None,
+    num_transforms: int,
+    options: AffineCouplingOptions,
+) -> list[nn.Module]:
+    check_options(factory, options, AffineCouplingOptions)
+    rest = dict(options)
+    elementwise = AffineMap(rest.pop("scale", "softclamp"), rest.pop("log_scale_bound", LOG_SCALE_BOUND))  # type: ignore[arg-type]
+    return coupling_stack(input_dim, context_dim, hidden_dims, num_transforms, elementwise, **rest)  # type: ignore[arg-type]
 
 
 def realnvp(
     input_dim: int,
     hidden_dims: Sequence[int] | None = None,
     num_transforms: int = 6,
-    *,
-    mask: Mask = "half",
-    batch_norm: bool = False,
-    activation: Callable[[], nn.Module] = nn.ReLU,
-    scale: Scale = "softclamp",
-    log_scale_bound: float = 3.0,
+    **options: Unpack[AffineCouplingOptions],
 ) -> FlowStack:
     """RealNVP for vectors: ``num_transforms`` affine couplings with alternating masks.
 
@@ -236,11 +378,11 @@ def realnvp(
         input_dim: the event size D.
         hidden_dims: hidden widths of each coupling network (default ``[max(64, 4 D)] * 2``).
         num_transforms: number of coupling layers (even, so every entry is moved equally often).
-        mask: ``"half"`` or ``"alternate"`` (see :func:`coupling_mask`).
-        batch_norm: a :class:`BatchNorm` between layers, as in the RealNVP paper.
-        activation: the networks' nonlinearity class.
+        mask: ``"half"`` (default) or ``"alternate"`` (see :func:`coupling_mask`).
+        batch_norm: a :class:`BatchNorm` between layers, as in the RealNVP paper (default False).
+        activation: the networks' nonlinearity class (default ``nn.ReLU``).
         scale: ``"softclamp"`` (default) or ``"gate"``.
-        log_scale_bound: bound of the soft clamp on the log-scale.
+        log_scale_bound: bound of the soft clamp on the log-scale (default 3).
 
     Example::
 
@@ -249,9 +391,7 @@ def realnvp(
         >>> torch.allclose(flow.inv(flow(x)), x, atol=1e-6)
         True
     """
-    return FlowStack(
-        _coupling_stack(input_dim, 0, hidden_dims, num_transforms, mask, batch_norm, activation, scale, log_scale_bound)
-    )
+    return FlowStack(_affine_stack("realnvp", input_dim, 0, hidden_dims, num_transforms, options))  # type: ignore[arg-type]
 
 
 def conditional_realnvp(
@@ -259,14 +399,9 @@ def conditional_realnvp(
     context_dim: int,
     hidden_dims: Sequence[int] | None = None,
     num_transforms: int = 6,
-    *,
-    mask: Mask = "half",
-    batch_norm: bool = False,
-    activation: Callable[[], nn.Module] = nn.ReLU,
-    scale: Scale = "softclamp",
-    log_scale_bound: float = 3.0,
+    **options: Unpack[AffineCouplingOptions],
 ) -> ConditionalFlowStack:
-    """RealNVP whose coupling networks also read a context; see :func:`realnvp`.
+    """RealNVP whose coupling networks also read a context; same options as :func:`realnvp`.
 
     Example::
 
@@ -274,8 +409,6 @@ def conditional_realnvp(
         >>> flow.condition(torch.randn(2))(torch.randn(6, 4)).shape
         torch.Size([6, 4])
     """
-    return ConditionalFlowStack(
-        _coupling_stack(
-            input_dim, context_dim, hidden_dims, num_transforms, mask, batch_norm, activation, scale, log_scale_bound
-        )
-    )
+    check_positive_int(context_dim, "context_dim")
+    parts = _affine_stack("conditional_realnvp", input_dim, context_dim, hidden_dims, num_transforms, options)
+    return ConditionalFlowStack(parts)  # type: ignore[arg-type]

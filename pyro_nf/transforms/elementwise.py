@@ -15,10 +15,11 @@ map owns only the arithmetic of ``g``, its inverse and its log-derivative, so a 
 family of flows is a new map. Every map follows :class:`ElementwiseMap`:
 
 - ``num_params``: the number ``P`` of raw parameters per element;
-- ``forward(x, params)`` and ``inverse(y, params)``: ``params`` has shape ``(P, *s)``
-  with ``s`` broadcasting against the input's shape (parameter ``p`` of every element is
-  ``params[p]``); both return the output and ``log g'`` element-wise (at the input of
-  ``g``, so the two directions return the same value for one pair);
+- ``forward(x, params)`` and ``inverse(y, params)``: ``params`` is a sequence of ``P``
+  tensors whose shapes broadcast against the input's (a tuple, or a tensor of shape
+  ``(P, *s)``: parameter ``p`` of every element is ``params[p]``); both return the output
+  and ``log g'`` element-wise (at the input of ``g``, so the two directions return the
+  same value for one pair);
 - all raw parameters zero give the identity, so layers with zero-initialised network
   heads start at the identity;
 - ``volume_preserving``: ``log g' = 0`` for every input (the additive map), which lets a
@@ -31,6 +32,7 @@ rational-quadratic spline of neural spline flows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -41,6 +43,8 @@ from pyro_nf.checks import check_choice
 
 Scale = Literal["softclamp", "gate"]
 SCALES: tuple[Scale, ...] = ("softclamp", "gate")
+Params = Sequence[Tensor] | Tensor
+"""The raw parameters of an element-wise map: ``params[p]`` is parameter ``p`` of every element."""
 LOG_SCALE_BOUND = 3.0
 """The default bound ``B`` of the soft clamp ``alpha = B tanh(b / B)`` of every affine layer."""
 
@@ -52,11 +56,11 @@ class ElementwiseMap(Protocol):
     num_params: int
     volume_preserving: bool
 
-    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """``(g(x; theta), log g'(x; theta))``, element-wise; ``params`` has shape ``(P, *s)``."""
+    def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        """``(g(x; theta), log g'(x; theta))``, element-wise; ``params[p]`` is raw parameter ``p``."""
         ...
 
-    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """``(x, log g'(x; theta))`` with ``x = g^{-1}(y; theta)``, element-wise."""
         ...
 
@@ -116,15 +120,15 @@ class AffineMap:
     def __post_init__(self) -> None:
         check_scale(self.scale, self.log_scale_bound)
 
-    def shift_and_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mu, alpha)`` from raw parameters of shape ``(2, *s)``."""
+    def shift_and_log_scale(self, params: Params) -> tuple[Tensor, Tensor]:
+        """``(mu, alpha)`` from the two raw parameters."""
         return shift_and_log_scale(params[0], params[1], self.scale, self.log_scale_bound)
 
-    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         mu, alpha = self.shift_and_log_scale(params)
         return x * alpha.exp() + mu, alpha
 
-    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         mu, alpha = self.shift_and_log_scale(params)
         return (y - mu) * (-alpha).exp(), alpha
 
@@ -143,8 +147,8 @@ class AdditiveMap:
     num_params: int = 1
     volume_preserving: bool = True
 
-    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         return x + params[0], params[0].new_zeros(())
 
-    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         return y - params[0], params[0].new_zeros(())

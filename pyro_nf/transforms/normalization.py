@@ -1,4 +1,6 @@
-"""Batch normalization as an invertible layer (MAF paper, RealNVP paper).
+"""Normalisation layers: invertible batch normalization for vectors, Glow's ActNorm for images.
+
+:class:`BatchNorm` (MAF paper, RealNVP paper).
 
 In the data-to-noise direction (the inverse, in Pyro's convention) a batch is
 standardized and rescaled, ``z = (x - m) / sqrt(v + eps) * exp(gamma) + beta``,
@@ -14,13 +16,23 @@ vector event and works with any batch shape.
 
 Because training-mode statistics depend on the whole batch, a flow with batch
 norm is an exact bijection per sample only in evaluation mode (``.eval()``).
+
+:class:`ActNorm` (Glow): a per-channel affine map of images with a data-dependent
+initialisation, a bijection per sample in both modes.
+
+Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+from torch.distributions import constraints
 
+from pyro_nf.checks import check_image_shape, check_positive_int
 from pyro_nf.core import FlowTransformModule
 
 
@@ -39,6 +51,7 @@ class BatchNorm(FlowTransformModule):
 
     def __init__(self, input_dim: int, momentum: float = 0.1, eps: float = 1e-5, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
+        check_positive_int(input_dim, "input_dim")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum: expected a number in (0, 1], got {momentum!r}")
         self.input_shape = (input_dim,)
@@ -52,12 +65,12 @@ class BatchNorm(FlowTransformModule):
     def _log_det(self, var: Tensor) -> Tensor:
         return (0.5 * (var + self.eps).log() - self.log_gamma).sum(-1)
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         var = self.running_var
         y = (x - self.beta) * (-self.log_gamma).exp() * (var + self.eps).sqrt() + self.running_mean
         return y, self._log_det(var).expand(x.shape[:-1])
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.training:
             flat = y.reshape(-1, y.shape[-1])
             mean, var = flat.mean(0), flat.var(0, correction=0)
@@ -73,3 +86,82 @@ class BatchNorm(FlowTransformModule):
 def batch_norm(input_dim: int, momentum: float = 0.1, eps: float = 1e-5) -> BatchNorm:
     """A :class:`BatchNorm` layer over a vector of size ``input_dim``."""
     return BatchNorm(input_dim, momentum=momentum, eps=eps)
+
+
+class ActNorm(FlowTransformModule):
+    """Per-channel affine map with data-dependent initialisation (Glow's activation normalisation).
+
+    Forward (base to data): ``y = x * exp(s_c) + b_c`` for channel ``c``, so
+    ``log|det| = H W sum_c s_c``. The first time the inverse (data to noise)
+    runs in training mode on a module that is not yet initialised, ``b`` and
+    ``s`` are set from that batch so that its output has zero mean and unit
+    variance per channel (over every batch and spatial position): ``b`` is the
+    channel mean and ``s`` the log of the channel standard deviation, or 0 for
+    a channel whose standard deviation is below ``eps`` (a constant channel is
+    only centred, never divided by zero). The ``initialised`` flag is a buffer,
+    so a model loaded from a ``state_dict`` is not initialised again.
+    Evaluation mode and the forward direction never initialise.
+
+    Args:
+        input_shape: the image shape ``(C, H, W)``.
+        eps: smallest standard deviation that is normalised.
+
+    Example::
+
+        >>> norm = ActNorm((2, 4, 4))
+        >>> z, log_det = norm.inverse_and_log_det(3.0 + 2.0 * torch.randn(64, 2, 4, 4))
+        >>> bool(norm.initialised), abs(z.mean().item()) < 1e-6, round(z.std(correction=0).item(), 4)
+        (True, True, 1.0)
+    """
+
+    domain = constraints.independent(constraints.real, 3)
+    codomain = constraints.independent(constraints.real, 3)
+    parallel = "both"
+    initialised: Tensor
+
+    def __init__(self, input_shape: Sequence[int], eps: float = 1e-6, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+        shape = check_image_shape(input_shape)
+        if not eps > 0:
+            raise ValueError(f"eps: expected a positive number, got {eps!r}")
+        self.input_shape = shape
+        self.eps = eps
+        self.loc = nn.Parameter(torch.zeros(shape[0], 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(shape[0], 1, 1))
+        self.register_buffer("initialised", torch.tensor(False))
+        self._checked = False  # skips reading the flag (a device sync) once it is known to be set
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._checked = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    @torch.no_grad()
+    def initialise(self, y: Tensor) -> None:
+        """Set ``b`` and ``s`` from the data-side batch ``y`` (shape ``(..., C, H, W)``) and mark initialised."""
+        flat = y.detach().movedim(-3, 0).reshape(y.shape[-3], -1)
+        mean = flat.mean(1)
+        std = flat.var(1, correction=0).sqrt()
+        log_std = torch.where(std > self.eps, std.clamp_min(self.eps).log(), torch.zeros_like(std))
+        self.loc.copy_(mean.reshape(-1, 1, 1))
+        self.log_scale.copy_(log_std.reshape(-1, 1, 1))
+        self.initialised.fill_(True)
+        self._checked = True
+
+    def _log_det(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        return (h * w * self.log_scale.sum()).expand(x.shape[:-3])
+
+    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x * self.log_scale.exp() + self.loc, self._log_det(x)
+
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not self._checked:
+            if not bool(self.initialised):
+                self.initialise(y)
+            self._checked = True
+        return (y - self.loc) * (-self.log_scale).exp(), self._log_det(y)
+
+
+def actnorm(input_shape: Sequence[int], eps: float = 1e-6) -> ActNorm:
+    """An :class:`ActNorm` over images of shape ``input_shape``."""
+    return ActNorm(input_shape, eps)

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import constraints
 
-from pyro_nf.core import FlowTransformModule, validation_enabled
+from pyro_nf.checks import validation_enabled
+from pyro_nf.core import FlowTransformModule
 
 
 def _check_levels(x: Tensor, n_levels: int, name: str) -> None:
@@ -160,10 +161,10 @@ class Logit(FlowTransformModule):
         d = math.prod(self.input_shape)  # type: ignore[arg-type]
         return self._sum(F.logsigmoid(z) + F.logsigmoid(-z)) - d * math.log1p(-2 * self.alpha)
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return (torch.sigmoid(x) - self.alpha) / (1 - 2 * self.alpha), self._log_det(x)
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         s = self.alpha + (1 - 2 * self.alpha) * y
         if validation_enabled() and bool(((s <= 0) | (s >= 1)).any()):
             raise ValueError(
