@@ -1,7 +1,9 @@
 """Sphinx configuration of the pyro_nf documentation (MyST markdown pages, furo theme).
 
 Build with ``make docs``; warnings are errors. Nothing here needs the network:
-intersphinx is off, and the API reference is built from the docstrings.
+intersphinx is off, the API reference is built from the docstrings, and MathJax
+is served from the built site (``sphinx-mathjax-offline``, in the ``docs`` extra,
+copies it into ``_static/mathjax``), so the math renders offline too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "sphinx.ext.mathjax",
+    # MathJax 3 from the package instead of a CDN: sets mathjax_path to _static/mathjax/tex-chtml.js.
+    "sphinx-mathjax-offline",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}

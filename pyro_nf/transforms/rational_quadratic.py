@@ -1,0 +1,185 @@
+"""The monotonic rational-quadratic spline of neural spline flows, as an element-wise map.
+
+On ``[-B, B]`` the map is a spline of ``K`` bins; outside it is the identity (linear
+tails, ``log g' = 0``). Raw parameters of one element, ``theta`` of length ``3K - 1``:
+``theta[:K]`` width logits, ``theta[K:2K]`` height logits, ``theta[2K:]`` raws of the
+``K - 1`` interior knot derivatives. Widths and heights are softmaxes with a minimum bin
+size ``m`` (``m + (1 - K m) softmax``), so the knots
+
+.. math::
+
+    x^{(0)} = -B, \\qquad x^{(k)} = -B + 2B \\textstyle\\sum_{j<k} w_j, \\qquad x^{(K)} = B
+
+(and ``y^{(k)}`` from the heights alike) are strictly increasing. The derivatives at the
+knots are ``delta_0 = delta_K = 1`` (the tails continue with slope 1) and
+``delta_k = m_delta + softplus(r_k + c)`` inside, ``c = log(expm1(1 - m_delta))``; it is
+evaluated as ``(m_delta + softplus(r + c)) / (m_delta + softplus(c))`` (the denominator is 1),
+which makes ``r = 0`` give exactly 1. All raw zeros give ``x^{(k)} = y^{(k)}`` and unit
+derivatives: the identity. In bin ``k``, with ``xi = (x - x^{(k)}) / Delta x``,
+``s = Delta y / Delta x`` and ``delta_k, delta_{k+1}`` at its ends (eqs. 4 and 5 of [1]):
+
+.. math::
+
+    g(x) = y^{(k)} + \\frac{\\Delta y\\, \\xi\\, (s \\xi + \\delta_k (1 - \\xi))}{\\beta(\\xi)}, \\qquad
+    g'(x) = \\frac{s^2 (\\delta_{k+1} \\xi^2 + 2 s \\xi (1 - \\xi) + \\delta_k (1 - \\xi)^2)}{\\beta(\\xi)^2},
+
+    \\beta(\\xi) = s + (\\delta_k + \\delta_{k+1} - 2s)\\, \\xi (1 - \\xi)
+    = s (\\xi^2 + (1 - \\xi)^2) + (\\delta_k + \\delta_{k+1})\\, \\xi (1 - \\xi),
+
+the last form a sum of positive terms (the one computed). The inverse solves
+``a xi^2 + b xi + c = 0`` with ``t = (y - y^{(k)}) / Delta y`` (eqs. 6-8 of [1], divided by
+``Delta y``): ``a = s - delta_k + t D``, ``b = delta_k - t D``, ``c = -t s``,
+``D = delta_k + delta_{k+1} - 2s``. The root is ``xi = 2c / (-b - sqrt(b^2 - 4ac))``, free of
+cancellation for ``b >= 0``; for ``b < 0`` (then ``a > s > 0``) the same root is computed as
+``(sqrt(b^2 - 4ac) - b) / (2a)``, which is the cancellation-free form there. The
+discriminant is clamped at 0 and ``xi`` to ``[0, 1]`` (in value; the gradient is the root's).
+
+Bins are found with ``torch.searchsorted(..., right=True)`` (a point on a knot starts the
+bin to its right; ``B`` itself falls in the last bin), the index clamped to ``[0, K - 1]``.
+The spline branch sees the input clamped into ``[-B, B]``, so the unused branch of the
+tails stays finite and so do the gradients.
+
+Example::
+
+    >>> import torch
+    >>> g = RationalQuadraticSpline(bins=4, bound=3.0)
+    >>> params = torch.randn(g.num_params, 5, generator=torch.Generator().manual_seed(0))
+    >>> x = torch.tensor([-4.0, -3.0, 0.5, 3.0, 7.0])
+    >>> y, ladj = g.forward(x, params)
+    >>> torch.allclose(g.inverse(y, params)[0], x, atol=1e-5), torch.allclose(g.inverse(y, params)[1], ladj)
+    (True, True)
+    >>> torch.allclose(g.forward(x, torch.zeros(g.num_params, 1))[0], x)  # raw zeros: the identity
+    True
+
+References:
+
+[1] Conor Durkan, Artur Bekasov, Iain Murray, George Papamakarios. Neural Spline Flows. NeurIPS 2019.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pyro_nf.checks import check_positive_int
+
+__all__ = ["RationalQuadraticSpline"]
+
+
+def _check_number(value: object, name: str, *, below: float = math.inf, why: str = "") -> None:
+    """A ``ValueError`` naming ``name`` unless ``value`` is a finite real number in ``(0, below)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a positive finite number{why}, got {value!r}")
+    if not (math.isfinite(value) and 0 < value < below):
+        raise ValueError(f"{name}: expected a positive finite number{why}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RationalQuadraticSpline:
+    """Monotonic rational-quadratic spline on ``[-bound, bound]`` with ``bins`` bins, identity outside.
+
+    Args:
+        bins: the number ``K >= 2`` of bins; ``num_params = 3K - 1``.
+        bound: the half-width ``B`` of the interval (domain and range) of the spline.
+        min_width, min_height: the least fraction of ``2B`` a bin takes (``K * min < 1``).
+        min_derivative: the least derivative at an interior knot (``< 1``).
+    """
+
+    bins: int = 8
+    bound: float = 5.0
+    min_width: float = 1e-3
+    min_height: float = 1e-3
+    min_derivative: float = 1e-3
+    num_params: int = field(init=False)
+    volume_preserving: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.bins, "bins")
+        if self.bins < 2:
+            raise ValueError(f"bins: expected an int >= 2 (one bin is always the identity), got {self.bins!r}")
+        _check_number(self.bound, "bound")
+        for name in ("min_width", "min_height"):
+            _check_number(getattr(self, name), name, below=1 / self.bins, why=f" below 1 / bins = {1 / self.bins:g}")
+        _check_number(self.min_derivative, "min_derivative", below=1.0, why=" below 1")
+        object.__setattr__(self, "num_params", 3 * self.bins - 1)
+
+    def knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, y, delta)`` at the ``K + 1`` knots, each of shape ``(*s, K + 1)``, from ``params`` ``(3K - 1, *s)``."""
+        if params.dim() < 1 or params.shape[0] != self.num_params:
+            raise ValueError(
+                f"params: expected shape ({self.num_params}, ...) (3 * bins - 1 raw parameters first), "
+                f"got {tuple(params.shape)}"
+            )
+        k, raw = self.bins, params.movedim(0, -1)
+        xs = self._edges(raw[..., :k], self.min_width)
+        ys = self._edges(raw[..., k : 2 * k], self.min_height)
+        m = self.min_derivative
+        c = math.log(math.expm1(1.0 - m))
+        inner = (m + F.softplus(raw[..., 2 * k :] + c)) / (m + F.softplus(raw.new_tensor(c)))
+        one = raw.new_ones(()).expand(*raw.shape[:-1], 1)
+        return xs, ys, torch.cat([one, inner, one], dim=-1)
+
+    def _edges(self, logits: Tensor, minimum: float) -> Tensor:
+        """Knot positions ``-B, ..., B`` (the last exactly ``B``) from ``K`` logits."""
+        b = self.bound
+        fractions = minimum + (1.0 - self.bins * minimum) * F.softmax(logits, dim=-1)
+        inner = b * (2.0 * fractions.cumsum(dim=-1)[..., :-1] - 1.0)
+        end = logits.new_ones(()).expand(*logits.shape[:-1], 1)
+        return torch.cat([-b * end, inner, b * end], dim=-1)
+
+    def _bin(self, v: Tensor, edges: Tensor, knots: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+        """``(x0, dx, y0, dy, d0, d1)`` of the bin of ``edges`` that holds each ``v`` (in ``[-B, B]``)."""
+        shape = torch.broadcast_shapes(v.shape, edges.shape[:-1])
+        n = edges.shape[-1]
+        v = v.expand(shape).unsqueeze(-1).contiguous()
+        idx = torch.searchsorted(edges.expand(*shape, n).contiguous(), v, right=True)
+        idx = (idx - 1).clamp(0, n - 2)
+        ends = [t.expand(*shape, n) for t in knots]
+        lo = [t.gather(-1, idx).squeeze(-1) for t in ends]
+        hi = [t.gather(-1, idx + 1).squeeze(-1) for t in ends]
+        return lo[0], hi[0] - lo[0], lo[1], hi[1] - lo[1], lo[2], hi[2]
+
+    @staticmethod
+    def _log_derivative(z: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> tuple[Tensor, Tensor]:
+        """``(beta(xi), log g')`` at ``xi = z`` (eq. 5 of [1])."""
+        z1 = 1.0 - z
+        zz = z * z1
+        beta = s * (z * z + z1 * z1) + (d0 + d1) * zz
+        numerator = d1 * z * z + 2.0 * s * zz + d0 * z1 * z1
+        return beta, numerator.log() + 2.0 * (s.log() - beta.log())
+
+    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g(x), log g'(x))`` element-wise (eqs. 4 and 5 of [1]); the identity with ``log g' = 0`` outside."""
+        knots = self.knots(params)
+        b = self.bound
+        xc = x.clamp(-b, b)
+        x0, dx, y0, dy, d0, d1 = self._bin(xc, knots[0], knots)
+        s = dy / dx
+        z = (xc - x0) / dx
+        beta, ladj = self._log_derivative(z, s, d0, d1)
+        y = y0 + dy * z * (s * z + d0 * (1.0 - z)) / beta
+        inside = (x >= -b) & (x <= b)
+        return torch.where(inside, y, x), torch.where(inside, ladj, 0.0)
+
+    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, log g'(x))`` with ``x = g^{-1}(y)``, the root of the bin's quadratic (eqs. 6-8 of [1])."""
+        knots = self.knots(params)
+        b = self.bound
+        yc = y.clamp(-b, b)
+        x0, dx, y0, dy, d0, d1 = self._bin(yc, knots[1], knots)
+        s = dy / dx
+        t = (yc - y0) / dy
+        d = d0 + d1 - 2.0 * s
+        qa, qb, ts = s - d0 + t * d, d0 - t * d, t * s
+        root = (qb * qb + 4.0 * qa * ts).clamp_min(0.0).sqrt()
+        # One root, two cancellation-free forms: 2ts / (b + root) for b >= 0, (root - b) / (2a) for b < 0.
+        positive = qb >= 0
+        z = torch.where(positive, 2.0 * ts, root - qb) / torch.where(positive, qb + root, 2.0 * qa)
+        z = z + (z.clamp(0.0, 1.0) - z).detach()  # the clamp mends rounding only: keep the root's gradient
+        _, ladj = self._log_derivative(z, s, d0, d1)
+        inside = (y >= -b) & (y <= b)
+        return torch.where(inside, x0 + z * dx, y), torch.where(inside, ladj, 0.0)
