@@ -48,14 +48,12 @@ Kind = Literal["vector", "image"]
 class FlowSpec:
     """How one flow family is built by name.
 
-    Attributes:
-        name: the name users type (``--flow``, ``AutoFlow(model, flow=...)``).
-        kind: ``"vector"`` (event shape ``(D,)``) or ``"image"`` (``(C, H, W)``).
-        summary: one line for ``pyro-nf list``.
-        factory: the unconditional factory.
-        conditional: the conditional factory (``.condition(context)``), or None.
-        stacks: whether the factory builds a stack itself (takes ``num_transforms``); FFJORD does
-            not, so ``num_transforms > 1`` stacks several CNFs, as in the FFJORD VAEs.
+    ``name`` is what users type (``--flow``, ``AutoFlow(model, flow=...)``); ``kind`` is
+    ``"vector"`` (event shape ``(D,)``) or ``"image"`` (``(C, H, W)``); ``summary`` is the line
+    of ``pyro-nf list``; ``factory`` and ``conditional`` are the unconditional and the
+    conditional factory (``.condition(context)``, or None); ``stacks`` says whether the factory
+    builds a stack itself (takes ``num_transforms``): FFJORD does not, so ``num_transforms > 1``
+    stacks several CNFs, as in the FFJORD VAEs.
     """
 
     name: str

@@ -347,9 +347,9 @@ def ffjord(input_dim: int, hidden_dims: Sequence[int] | None = None, **options: 
         adjoint: gradients by the adjoint method (default) or through the solver.
         activation: ``"softplus"`` (default), ``"tanh"``, ``"elu"`` or ``"silu"``.
         zero_init: start the vector field's last layer at zero (default True: the flow starts at the identity).
-        step_size, adjoint_norm, eval_trace, eval_solver, eval_rtol, eval_atol, eval_step_size,
-            kinetic_energy, jacobian_norm, max_num_steps: further
-            :class:`~pyro_nf.transforms.ode.ODEOptions`.
+        options: further :class:`~pyro_nf.transforms.ode.ODEOptions` (``step_size``, ``adjoint_norm``,
+            ``eval_trace``, ``eval_solver``, ``eval_rtol``, ``eval_atol``, ``eval_step_size``,
+            ``kinetic_energy``, ``jacobian_norm``, ``max_num_steps``).
 
     Example::
 

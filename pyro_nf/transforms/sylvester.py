@@ -5,9 +5,9 @@ product of ``K`` Householder reflections), ``R`` and ``R~`` upper triangular and
 
 .. math::
 
-    y = x + Q R\\, h(\tilde R Q^\top x + b), \\qquad
-    \\log\\left|\\det \frac{\\partial y}{\\partial x}\right|
-        = \\sum_i \\log\\left(1 + h'\big((\tilde R Q^\top x + b)_i\big)\\, r_{ii} \tilde r_{ii}\right).
+    y = x + Q R\\, h(\\tilde R Q^\\top x + b), \\qquad
+    \\log\\left|\\det \\frac{\\partial y}{\\partial x}\\right|
+        = \\sum_i \\log\\left(1 + h'\\big((\\tilde R Q^\\top x + b)_i\\big)\\, r_{ii} \\tilde r_{ii}\\right).
 
 - :class:`ConditionalSylvester` / :func:`conditional_sylvester`: the parameters come from a
   hypernetwork of a context (the encoder's features in a VAE), one set per data point, as
