@@ -51,7 +51,8 @@ from torch import Tensor, nn
 from torch.distributions import AffineTransform
 
 from pyro_nf import ConditionalFlowModel, FlowModel
-from pyro_nf.core import ConditionalFlowStack, FlowStack
+from pyro_nf.conditional import ConditionalFlowStack
+from pyro_nf.core import FlowStack
 from pyro_nf.data.images import load_digits, load_mnist
 from pyro_nf.metrics import bits_per_dim
 from pyro_nf.plotting import plot_image_grids

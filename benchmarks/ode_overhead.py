@@ -33,8 +33,9 @@ from torchdiffeq import odeint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pyro_nf.nn.odefunc import ACTIVATIONS, AugmentedDynamics, ODENet, sample_noise  # noqa: E402
-from pyro_nf.transforms.continuous import _state_norm  # noqa: E402
+from pyro_nf.nn.divergence import AugmentedDynamics, sample_noise  # noqa: E402
+from pyro_nf.nn.odefunc import ACTIVATIONS, ODENet  # noqa: E402
+from pyro_nf.transforms.ode import _state_norm  # noqa: E402
 
 TOL = 1e-5
 

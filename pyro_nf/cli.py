@@ -18,6 +18,7 @@ checkpoint, a bad option), 3 when training stopped on a NaN or infinite loss.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -189,25 +190,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Command:
     if namespace.command == "train":
         options = {key: getattr(namespace, key) for key in _TRAIN_KEYS}
         return TrainArgs(options, resume=namespace.resume, overwrite=namespace.overwrite)
-    if namespace.command == "evaluate":
-        return EvaluateArgs(
-            namespace.checkpoint,
-            namespace.split,
-            namespace.data,
-            namespace.device,
-            namespace.batch_size,
-            namespace.json_output,
-        )
-    if namespace.command == "sample":
-        return SampleArgs(
-            namespace.checkpoint,
-            namespace.output,
-            namespace.num,
-            namespace.temperature,
-            namespace.seed,
-            namespace.device,
-        )
-    return ListArgs()
+    record = {"evaluate": EvaluateArgs, "sample": SampleArgs, "list": ListArgs}[namespace.command]
+    return record(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(record)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 
 from pyro_nf.checks import check_context, check_tensor, validation_enabled
-from pyro_nf.core import condition_checked, fused_forward, fused_inverse
+from pyro_nf.conditional import condition_checked
+from pyro_nf.core import fused_forward, fused_inverse
 
 _Shape = Sequence[int] | torch.Size
 

@@ -25,7 +25,8 @@ from typing import Any, Literal
 from torch.distributions import Transform
 
 from pyro_nf.checks import check_choice, check_positive_int
-from pyro_nf.core import ConditionalFlowStack, FlowStack
+from pyro_nf.conditional import ConditionalFlowStack
+from pyro_nf.core import FlowStack
 from pyro_nf.transforms import (
     conditional_ffjord,
     conditional_iaf,

@@ -22,14 +22,13 @@ from pyro_nf.checkpoint import (
     Checkpoint,
     CheckpointCorruptedError,
     CheckpointError,
-    capture_rng_state,
     load_checkpoint,
     load_latest_checkpoint,
     previous_checkpoint_path,
-    remove_stale_temporaries,
-    restore_rng_state,
     save_checkpoint,
 )
+from pyro_nf.rng import capture_rng_state, restore_rng_state
+from pyro_nf.training.run_folder import remove_stale_temporaries
 
 
 def make_checkpoint(step: int = 5) -> Checkpoint:

@@ -18,14 +18,8 @@ from pyro.optim import Adam
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
-from pyro_nf.nn.odefunc import (
-    AugmentedDynamics,
-    ConcatSquashLinear,
-    ODENet,
-    divergence_exact,
-    divergence_hutchinson,
-    sample_noise,
-)
+from pyro_nf.nn.divergence import AugmentedDynamics, divergence_exact, divergence_hutchinson, sample_noise
+from pyro_nf.nn.odefunc import ConcatSquashLinear, ODENet
 from pyro_nf.transforms import FFJORD, ConditionalFFJORD, ODEOptions, conditional_ffjord, ffjord
 from tests.contract import CallCounter, perturb
 

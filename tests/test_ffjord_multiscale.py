@@ -8,16 +8,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import pyro_nf.nn.odefunc as odefunc
-from pyro_nf.nn.odefunc import (
-    AugmentedDynamics,
-    ConcatSquashConv2d,
-    ConvODENet,
-    ODENet,
-    divergence_exact,
-    divergence_hutchinson,
-    sample_noise,
-)
+import pyro_nf.nn.divergence as divergence
+from pyro_nf.nn.divergence import AugmentedDynamics, divergence_exact, divergence_hutchinson, sample_noise
+from pyro_nf.nn.odefunc import ConcatSquashConv2d, ConvODENet, ODENet
 from pyro_nf.transforms import FFJORD, ConditionalFFJORD, FactorOut, ODEOptions, Squeeze, ffjord_multiscale
 from tests.contract import perturb
 
@@ -91,7 +84,7 @@ def test_exact_divergence_over_images_matches_the_autograd_jacobian(
     chunk: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if chunk is not None:
-        monkeypatch.setattr(odefunc, "EXACT_TRACE_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(divergence, "EXACT_TRACE_CHUNK_ELEMENTS", chunk)
     net = _field()
     t = torch.tensor(0.3, dtype=F64)
     z = torch.randn(2, 2, 3, 3, dtype=F64, requires_grad=True)

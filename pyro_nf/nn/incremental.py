@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["IncrementalSequential"]
+__all__ = ["IncrementalSequential", "Structure"]
 
 
-class _Structure(NamedTuple):
+class Structure(NamedTuple):
     """The degree blocks of a MADE: input order, its inverse, unit counts per hidden degree."""
 
     order: Tensor  # input indices sorted by degree
@@ -87,30 +87,9 @@ class IncrementalSequential(nn.Module):
     def _hidden(self) -> list[nn.Linear]:
         return [cast(nn.Linear, layer) for layer in self.hidden_layers]
 
-    def _structure(self) -> _Structure:
-        """Degree blocks as Python ints (cached; rebuilt when the degree buffers change)."""
-        buffers = [self.degrees, *(getattr(self, f"hidden_degrees_{i}") for i in range(len(self.hidden_dims)))]
-        try:
-            key: tuple[object, ...] | None = tuple((id(b), b._version, b.device) for b in buffers)
-        except RuntimeError:  # inference tensors carry no version counter
-            key = None
-        cached = self.__dict__.get("_structure_cache")
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
-        degrees_in, *degrees_hidden = (b.cpu() for b in buffers)
-        order = degrees_in.argsort()
-        bounds = []
-        for i, d in enumerate(degrees_hidden):
-            if bool((d[1:] < d[:-1]).any()) or bool((d < 0).any()) or bool((d >= self.input_dim).any()):
-                raise ValueError(
-                    f"MADE.sequential: expected hidden_degrees_{i} sorted in 0..{self.input_dim - 1}, got {d.tolist()}"
-                )
-            counts = torch.bincount(d, minlength=self.input_dim).tolist()
-            bounds.append([sum(counts[:k]) for k in range(self.input_dim + 1)])
-        device = buffers[0].device
-        structure = _Structure(order.to(device), order.argsort().to(device), bounds)
-        self.__dict__["_structure_cache"] = (key, structure)
-        return structure
+    def _structure(self) -> Structure:
+        """The degree blocks (the MADE computes them from its degree buffers)."""
+        raise NotImplementedError
 
     def _sequential_incremental(
         self, given: Tensor, solve: Callable[..., Tensor], context: Tensor | None, chunk: int | None

@@ -20,6 +20,7 @@ Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 201
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -27,10 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyro_nf.nn.incremental import IncrementalSequential
+from pyro_nf.checks import check_choice
+from pyro_nf.nn.incremental import IncrementalSequential, Structure
 from pyro_nf.nn.nets import activate
 
 Order = Literal["natural", "reversed", "random"]
+Permutation = Literal["reversed", "random", "none"]
+PERMUTATIONS: tuple[Permutation, ...] = ("reversed", "random", "none")
 SequentialMethod = Literal["incremental", "reference"]
 SEQUENTIAL_METHODS: tuple[SequentialMethod, ...] = ("incremental", "reference")
 
@@ -164,6 +168,31 @@ class MADE(IncrementalSequential):
             h = h + layer(act(h)) if self.residual else layer(activate(act, h))
         return self.output_layer(activate(self.activations[-1], h))
 
+    def _structure(self) -> Structure:
+        """Degree blocks as Python ints (cached; rebuilt when the degree buffers change)."""
+        buffers = [self.degrees, *(getattr(self, f"hidden_degrees_{i}") for i in range(len(self.hidden_dims)))]
+        try:
+            key: tuple[object, ...] | None = tuple((id(b), b._version, b.device) for b in buffers)
+        except RuntimeError:  # inference tensors carry no version counter
+            key = None
+        cached = self.__dict__.get("_structure_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        degrees_in, *degrees_hidden = (b.cpu() for b in buffers)
+        order = degrees_in.argsort()
+        bounds = []
+        for i, d in enumerate(degrees_hidden):
+            if bool((d[1:] < d[:-1]).any()) or bool((d < 0).any()) or bool((d >= self.input_dim).any()):
+                raise ValueError(
+                    f"MADE.sequential: expected hidden_degrees_{i} sorted in 0..{self.input_dim - 1}, got {d.tolist()}"
+                )
+            counts = torch.bincount(d, minlength=self.input_dim).tolist()
+            bounds.append([sum(counts[:k]) for k in range(self.input_dim + 1)])
+        device = buffers[0].device
+        structure = Structure(order.to(device), order.argsort().to(device), bounds)
+        self.__dict__["_structure_cache"] = (key, structure)
+        return structure
+
     # -- the sequential direction ----------------------------------------------------
     def sequential(
         self,
@@ -262,3 +291,35 @@ class MADE(IncrementalSequential):
             params = self(x, ctx)
             x = solve(flat, *params.view(-1, self.num_params, self.input_dim).unbind(1))
         return x.reshape(shape), params.reshape(*shape[:-1], -1)
+
+
+def _permutation(permutation: str) -> Permutation:
+    if permutation == "reverse":
+        warnings.warn(
+            "permutation='reverse' is deprecated; use permutation='reversed' (the spelling of MADE's order)",
+            DeprecationWarning,
+            stacklevel=6,
+        )
+        return "reversed"
+    check_choice(permutation, PERMUTATIONS, "permutation")
+    return permutation  # type: ignore[return-value]
+
+
+def stack_orders(input_dim: int, num_transforms: int, permutation: str, seed: int = 0) -> list[Order | Tensor]:
+    """The input orders of the MADEs of a stack: the permutation between layers folded into each MADE.
+
+    ``"reversed"`` alternates natural and reversed orders, ``"random"`` draws orders from ``seed``,
+    ``"none"`` keeps the natural order (``"reverse"`` is a deprecated spelling of ``"reversed"``).
+
+    Example::
+
+        >>> stack_orders(3, 3, "reversed")
+        ['natural', 'reversed', 'natural']
+    """
+    permutation = _permutation(permutation)
+    if permutation == "none":
+        return ["natural"] * num_transforms
+    if permutation == "reversed":
+        return ["natural" if i % 2 == 0 else "reversed" for i in range(num_transforms)]
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randperm(input_dim, generator=generator) for _ in range(num_transforms)]

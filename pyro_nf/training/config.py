@@ -15,7 +15,6 @@ from pyro_nf.data.files import is_data_file
 from pyro_nf.registry import FLOWS
 
 __all__ = [
-    "FLOWS",
     "IMAGE_DATASETS",
     "ConfigError",
     "NonFiniteLossError",

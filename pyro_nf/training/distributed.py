@@ -1,9 +1,14 @@
-"""Several processes under ``torchrun``: the process group, and the device of each process."""
+"""Several processes under ``torchrun``: the device of each process, resolved once, and the process group.
+
+The device is resolved first (``auto`` is CUDA when torch sees a GPU; under ``torchrun``
+``cuda`` is the process's local GPU), and the process group's backend follows it: NCCL for
+CUDA, gloo for the CPU.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as torch_dist
@@ -11,7 +16,25 @@ from torch import Tensor
 
 from pyro_nf.training.config import ConfigError
 
-__all__ = ["DistributedContext"]
+__all__ = ["DistributedContext", "resolve_device"]
+
+
+def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
+    """The ``torch.device`` that ``--device`` names; ``cuda`` becomes ``cuda:local_rank`` under ``torchrun``.
+
+    Example::
+
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if device == "cuda" and local_rank is not None:
+            device = f"cuda:{local_rank}"
+    return torch.device(device)
 
 
 @dataclass
@@ -22,20 +45,21 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
     def from_env(cls, device: str) -> DistributedContext:
-        """Join the process group ``torchrun`` describes in the environment."""
+        """Resolve ``device`` for this process and join the process group ``torchrun`` describes."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
-            return cls()
+            return cls(device=resolve_device(device))
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        resolved = resolve_device(device, local_rank)
         owns = False
         if not torch_dist.is_initialized():
-            backend = "nccl" if device.startswith("cuda") else "gloo"
-            torch_dist.init_process_group(backend=backend)
+            torch_dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
             owns = True
-        return cls(rank, world_size, local_rank, owns)
+        return cls(rank, world_size, local_rank, owns, resolved)
 
     @property
     def is_main(self) -> bool:
@@ -54,14 +78,3 @@ class DistributedContext:
         """Leave the process group if this context joined it."""
         if self.owns_group:
             torch_dist.destroy_process_group()
-
-
-def _resolve_device(device: str, context: DistributedContext) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if device == "cuda" and context.world_size > 1:
-            device = f"cuda:{context.local_rank}"
-    return torch.device(device)

@@ -1,17 +1,22 @@
-"""The training loop: warm-up, clipping, logging, progress, validation, checkpoints and the final metrics.
+"""The training loop: set-up, steps, validation, checkpoints and the final metrics, in that order.
+
+:func:`train` builds a :class:`_Run` and runs its phases:
+
+1. :meth:`_Run.set_up` — the device (resolved once), the data, the model and the optimizer,
+   the checkpoint of a resumed run, the run folder, ``config.json``;
+2. :meth:`_Run.step` — one optimizer step (warm-up, clipping, the NaN / inf stop);
+3. :meth:`_Run.validate` — the validation metric, a figure and the curves;
+4. :meth:`_Run.save` — a checkpoint;
+5. :meth:`_Run.finish` — the final validation and test metrics, ``metrics.json``, the figures.
 
 See :mod:`pyro_nf.training` for the objective and the files a run writes.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import logging
 import math
-import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,14 +29,16 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from pyro_nf.checkpoint import Checkpoint, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from pyro_nf.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pyro_nf.checks import validation
 from pyro_nf.registry import FLOWS
+from pyro_nf.rng import capture_rng_state, restore_rng_state
 from pyro_nf.training.config import ConfigError, NonFiniteLossError, TrainConfig
-from pyro_nf.training.data import PreparedData, prepare_data, preprocess_from_state
-from pyro_nf.training.distributed import DistributedContext, _resolve_device
+from pyro_nf.training.data import prepare_data, preprocess_from_state
+from pyro_nf.training.distributed import DistributedContext
 from pyro_nf.training.figures import _figures
 from pyro_nf.training.model import _generator, _metric, _metric_name, build_model, evaluate_nll
+from pyro_nf.training.run_log import RunLog, append_history, atomic_write_text, history_rows, write_history
 
 __all__ = ["TrainResult", "train"]
 
@@ -44,47 +51,6 @@ class TrainResult:
     steps: int
     metrics: dict[str, float]
     files: list[Path] = field(default_factory=list)
-
-
-class _ConsoleHandler(logging.Handler):
-    """Prints to stdout through ``tqdm.write``, so messages do not tear a progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm.auto import tqdm
-
-        try:
-            tqdm.write(self.format(record), file=sys.stdout)
-        except Exception:  # a closed or broken stdout must not stop training
-            self.handleError(record)
-
-
-class _RunLog:
-    """``train.log`` (and the console) for rank 0; silent elsewhere."""
-
-    def __init__(self, out: Path | None) -> None:
-        self.logger = logging.getLogger(f"pyro_nf.train.{id(self)}")
-        self.logger.setLevel(logging.INFO)
-        self.logger.propagate = False
-        self.handlers: list[logging.Handler] = []
-        if out is not None:
-            file_handler = logging.FileHandler(out / "train.log", mode="a", encoding="utf-8")
-            file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            console: logging.Handler = _ConsoleHandler()
-            console.setFormatter(logging.Formatter("%(message)s"))
-            console.addFilter(lambda record: getattr(record, "console", True))
-            self.handlers = [file_handler, console]
-        else:
-            self.handlers = [logging.NullHandler()]
-        for handler in self.handlers:
-            self.logger.addHandler(handler)
-
-    def info(self, message: str, *, console: bool = True) -> None:
-        self.logger.info(message, extra={"console": console})
-
-    def close(self) -> None:
-        for handler in self.handlers:
-            self.logger.removeHandler(handler)
-            handler.close()
 
 
 def _batches(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[tuple[int, Tensor]]:
@@ -103,13 +69,6 @@ def _batches(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[tu
             permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch + 1))
         yield step, permutation[offset * batch_size : (offset + 1) * batch_size]
         step += 1
-
-
-def _history_rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -143,209 +102,287 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         )
     context = DistributedContext.from_env(config.device)
     try:
-        return _train(config, context, resume)
+        run = _Run(config, context, resume)
+        try:
+            run.set_up()
+            run.run()
+            return run.finish()
+        finally:
+            run.close()
     finally:
         context.close()
 
 
-def _train(config: TrainConfig, context: DistributedContext, resume: bool) -> TrainResult:
-    out = Path(config.out)
-    checkpoint_path = out / "checkpoint.pt"
-    device = _resolve_device(config.device, context)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    image_flow = FLOWS[config.flow].kind == "image"
+class _Run:
+    """One training run, phase by phase (see the module docstring)."""
 
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    data = prepare_data(config, image_flow=image_flow)
-    if config.batch_size % context.world_size:
-        raise ConfigError(
-            f"--batch-size {config.batch_size} must be a multiple of the number of processes ({context.world_size})"
-        )
-    per_epoch = len(data.train) // config.batch_size
-    if per_epoch < 1:
-        raise ConfigError(
-            f"--batch-size {config.batch_size} is larger than the training set ({len(data.train)} samples)"
-        )
-    if config.epochs is not None and not config.steps:
-        config.steps = config.epochs * per_epoch
+    def __init__(self, config: TrainConfig, context: DistributedContext, resume: bool) -> None:
+        self.config = config
+        self.context = context
+        self.resume = resume
+        self.device = context.device
+        self.out = Path(config.out)
+        self.checkpoint_path = self.out / "checkpoint.pt"
+        self.history_path = self.out / "history.csv"
+        self.main = context.is_main
+        self.image_flow = FLOWS[config.flow].kind == "image"
+        self.curves: dict[str, list[float]] = {"steps": [], "train": [], "val": []}
+        self.interval: list[float] = []  # training losses since the last validation
+        self.last_saved: int | None = None
+        self.start = 0
+        self.log = RunLog(None)
+        self.progress: Any = None
 
-    checkpoint: Checkpoint | None = None
-    if resume:
-        checkpoint = load_checkpoint(checkpoint_path)
-        data.preprocess = preprocess_from_state(checkpoint.extra["preprocess"])
-    model = build_model(config, data).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    start = 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint.model)
-        optimizer.load_state_dict(checkpoint.optimizer)
-        start = checkpoint.step
-        if start > config.steps:
-            raise ConfigError(f"the checkpoint is at step {start}, past --steps {config.steps}; give more steps")
-
-    main = context.is_main
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "figures").mkdir(exist_ok=True)
-    log = _RunLog(out if main else None)
-    history_path = out / "history.csv"
-    curves: dict[str, list[float]] = {"steps": [], "train": [], "val": []}
-    metric = _metric_name(data)
-    try:
+    # -- 1. set-up -----------------------------------------------------------------------
+    def set_up(self) -> None:
+        """Data, model, optimizer, the resumed state, the run folder and ``config.json``."""
+        config, context = self.config, self.context
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        self.data = data = prepare_data(config, image_flow=self.image_flow)
+        if config.batch_size % context.world_size:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} must be a multiple of the number of processes ({context.world_size})"
+            )
+        self.per_epoch = len(data.train) // config.batch_size
+        if self.per_epoch < 1:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} is larger than the training set ({len(data.train)} samples)"
+            )
+        if config.epochs is not None and not config.steps:
+            config.steps = config.epochs * self.per_epoch
+        checkpoint = load_checkpoint(self.checkpoint_path) if self.resume else None
         if checkpoint is not None:
-            curves = {key: list(map(float, values)) for key, values in checkpoint.extra["curves"].items()}
-            if main:
-                rows = [row for row in _history_rows(history_path) if int(row["step"]) <= start]
-                _write_history(history_path, rows)
-            rank_states = checkpoint.extra.get("rank_rng")
-            restore_rng_state(checkpoint.rng)
-            if rank_states is not None and len(rank_states) == context.world_size:
-                torch.set_rng_state(rank_states[context.rank])
-            log.info(f"pyro-nf: resuming {config.flow} on {data.description} at step {start} of {config.steps}")
+            data.preprocess = preprocess_from_state(checkpoint.extra["preprocess"])
+        self.model = build_model(config, data).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint.model)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.start = self.last_saved = checkpoint.step
+            if self.start > config.steps:
+                raise ConfigError(
+                    f"the checkpoint is at step {self.start}, past --steps {config.steps}; give more steps"
+                )
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "figures").mkdir(exist_ok=True)
+        self.log = RunLog(self.out if self.main else None)
+        if checkpoint is not None:
+            self._restore(checkpoint)
         else:
-            if main:
-                _write_history(history_path, [])
-            # Data-dependent initialisation (ActNorm) sees the first global batch, on every process alike.
-            first = next(_batches(len(data.train), config.batch_size, config.seed, 0))[1]
-            with torch.no_grad():
-                x0 = data.train[first].to(device)
-                _metric(model, data, data.preprocess.to_model(x0, _generator(config.seed, -1)))
-            if context.world_size > 1:
-                torch.manual_seed(config.seed + 7919 * context.rank)
-            log.info(
-                f"pyro-nf: training {config.flow} on {data.description} ({len(data.train)} train, "
-                f"{len(data.val)} val, {len(data.test)} test, shape {data.event_shape}) for {config.steps} steps "
-                f"on {device}" + (f" x {context.world_size} processes" if context.world_size > 1 else "")
-            )
-        if main:
-            resolved = {
-                **config.to_dict(),
-                "resolved": {
-                    "event_shape": list(data.event_shape),
-                    "n_train": len(data.train),
-                    "n_val": len(data.val),
-                    "n_test": len(data.test),
-                    "steps_per_epoch": per_epoch,
-                    "world_size": context.world_size,
-                    "device": str(device),
-                    "preprocess": _jsonable(data.preprocess.state()),
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                    "pyro_nf_version": _version(),
-                },
-            }
-            _atomic_write_text(out / "config.json", json.dumps(resolved, indent=2) + "\n")
-
-        ddp: nn.Module = model
+            self._begin()
+        if self.main:
+            self._write_config()
+        self.ddp: nn.Module = self.model
         if context.world_size > 1:
-            ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        """Curves, history and random states of a resumed run."""
+        self.curves = {key: list(map(float, values)) for key, values in checkpoint.extra["curves"].items()}
+        if self.main:
+            write_history(
+                self.history_path, [r for r in history_rows(self.history_path) if int(r["step"]) <= self.start]
             )
+        rank_states = checkpoint.extra.get("rank_rng")
+        restore_rng_state(checkpoint.rng)
+        if rank_states is not None and len(rank_states) == self.context.world_size:
+            torch.set_rng_state(rank_states[self.context.rank])
+        config, data = self.config, self.data
+        self.log.info(f"pyro-nf: resuming {config.flow} on {data.description} at step {self.start} of {config.steps}")
 
-        share = config.batch_size // context.world_size
-        lo, hi = context.rank * share, (context.rank + 1) * share
-        interval: list[float] = []
-        last_saved = start if checkpoint is not None else None
-        progress = _progress(config, start, main)
-        window_start, window_steps = time.perf_counter(), 0
-        clip = config.grad_clip if config.grad_clip > 0 else math.inf
-        model.train()
-        batches = _batches(len(data.train), config.batch_size, config.seed, start)
+    def _begin(self) -> None:
+        """A new run: an empty history and the data-dependent initialisation (ActNorm)."""
+        config, data, context = self.config, self.data, self.context
+        if self.main:
+            write_history(self.history_path, [])
+        # Data-dependent initialisation sees the first global batch, on every process alike.
+        first = next(_batches(len(data.train), config.batch_size, config.seed, 0))[1]
+        with torch.no_grad():
+            x0 = data.train[first].to(self.device)
+            _metric(self.model, data, data.preprocess.to_model(x0, _generator(config.seed, -1)))
+        if context.world_size > 1:
+            torch.manual_seed(config.seed + 7919 * context.rank)
+        processes = f" x {context.world_size} processes" if context.world_size > 1 else ""
+        self.log.info(
+            f"pyro-nf: training {config.flow} on {data.description} ({len(data.train)} train, "
+            f"{len(data.val)} val, {len(data.test)} test, shape {data.event_shape}) for {config.steps} steps "
+            f"on {self.device}{processes}"
+        )
 
-        def stop(what: str) -> None:
-            kept = f"the last good checkpoint (step {last_saved}) is kept at {checkpoint_path}"
-            if last_saved is None:
-                kept = "no checkpoint had been written yet"
-            message = (
-                f"{what}; training stopped and {kept}. Try a lower --lr (now {config.lr:g}), more --warmup-steps "
-                f"(now {config.warmup_steps}), gradient clipping (--grad-clip, now {config.grad_clip:g})"
-                + (", or --coupling additive" if image_flow else "")
-            )
-            log.info(f"pyro-nf: error: {message}", console=False)  # the command line prints it
-            raise NonFiniteLossError(message)
+    def _write_config(self) -> None:
+        data = self.data
+        resolved = {
+            **self.config.to_dict(),
+            "resolved": {
+                "event_shape": list(data.event_shape),
+                "n_train": len(data.train),
+                "n_val": len(data.val),
+                "n_test": len(data.test),
+                "steps_per_epoch": self.per_epoch,
+                "world_size": self.context.world_size,
+                "device": str(self.device),
+                "preprocess": _jsonable(data.preprocess.state()),
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "pyro_nf_version": _version(),
+            },
+        }
+        atomic_write_text(self.out / "config.json", json.dumps(resolved, indent=2) + "\n")
 
-        for step, indices in batches:
+    # -- 2. to 4.: the steps, with validation and checkpoints -----------------------------
+    def run(self) -> None:
+        """Every step from the start (or the resumed step) to ``config.steps``."""
+        config = self.config
+        self.progress = _progress(config, self.start, self.main)
+        self.window = (time.perf_counter(), 0)
+        self.model.train()
+        for step, indices in _batches(len(self.data.train), config.batch_size, config.seed, self.start):
             if step >= config.steps:
                 break
-            lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = data.train[indices].to(device)
-            # The whole global batch is preprocessed (same noise as one process would draw), then sliced.
-            y = data.preprocess.to_model(x, _generator(config.seed, step))[lo:hi]
-            # The data were checked when loaded; unchecked layers and base let a NaN reach the loss test below.
-            with validation(False), pyro.validation_enabled(False):
-                loss = _metric(ddp, data, y).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            reported = context.mean(torch.stack([loss.detach(), grad_norm.detach().to(loss)]))
-            loss_value, norm_value = float(reported[0]), float(reported[1])
-            if not math.isfinite(loss_value):
-                stop(f"the loss became {loss_value} at step {step + 1}")
-            if not math.isfinite(norm_value):
-                stop(f"the gradient norm became {norm_value} at step {step + 1}")
-            optimizer.step()
+            loss, norm, lr = self.step(step, indices)
             done = step + 1
-            interval.append(loss_value)
-            window_steps += 1
-            if main and (done % config.log_every == 0 or done == config.steps):
-                _append_history(history_path, done, loss_value, lr, norm_value)
-            if progress is not None:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                progress.set_postfix(
-                    {metric: f"{loss_value:.4f}", "samples/s": f"{window_steps * config.batch_size / elapsed:.0f}"},
-                    refresh=False,
-                )
-                progress.update(1)
-                if elapsed > 5.0:
-                    window_start, window_steps = time.perf_counter(), 0
+            self._report(done, loss, norm, lr)
             if done % config.val_every == 0 or done == config.steps:
-                if main:
-                    val = evaluate_nll(model, data, data.val, seed=config.seed + 1)
-                    curves["steps"].append(float(done))
-                    curves["train"].append(float(np.mean(interval)))
-                    curves["val"].append(val)
-                    log.info(f"step {done}: train {metric} {np.mean(interval):.4f}, val {metric} {val:.4f}")
-                    with torch.random.fork_rng(devices=[]):
-                        _figures(model, data, out, config, f"figures/step_{done:06d}.png", curves)
-                interval = []
+                self.validate(done)
             if done % config.checkpoint_every == 0 or done == config.steps:
-                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                    stop(f"the parameters became non-finite at step {done}")
-                _save(checkpoint_path, model, optimizer, done, config, data, curves, context)
-                last_saved = done
-        if progress is not None:
-            progress.close()
-        metrics: dict[str, float] = {}
-        files: list[Path] = []
-        if main:
-            last_figure = out / "figures" / f"step_{config.steps:06d}.png"
-            if curves["steps"] and curves["steps"][-1] == config.steps and last_figure.exists():
-                # The validation at the last step already scored this model and drew its figure.
-                val_value = curves["val"][-1]
-                shutil.copyfile(last_figure, out / "samples.png")
-                files = [out / "samples.png", out / "curves.png"]
-            else:
-                val_value = evaluate_nll(model, data, data.val, seed=config.seed + 1)
-                with torch.random.fork_rng(devices=[]):
-                    files = _figures(model, data, out, config, "samples.png", curves)
-            metrics = {
-                f"val_{metric}": val_value,
-                f"test_{metric}": evaluate_nll(model, data, data.test, seed=config.seed + 2),
+                self.save(done)
+        if self.progress is not None:
+            self.progress.close()
+
+    def step(self, step: int, indices: Tensor) -> tuple[float, float, float]:
+        """One optimizer step on the global batch ``indices``; returns the loss, the gradient norm and the rate."""
+        config, data, context = self.config, self.data, self.context
+        lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        share = config.batch_size // context.world_size
+        x = data.train[indices].to(self.device)
+        # The whole global batch is preprocessed (same noise as one process would draw), then sliced.
+        y = data.preprocess.to_model(x, _generator(config.seed, step))[
+            context.rank * share : (context.rank + 1) * share
+        ]
+        # The data were checked when loaded; unchecked layers and base let a NaN reach the loss test below.
+        with validation(False), pyro.validation_enabled(False):
+            loss = _metric(self.ddp, data, y).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        clip = config.grad_clip if config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        reported = context.mean(torch.stack([loss.detach(), grad_norm.detach().to(loss)]))
+        loss_value, norm_value = float(reported[0]), float(reported[1])
+        if not math.isfinite(loss_value):
+            self._stop(f"the loss became {loss_value} at step {step + 1}")
+        if not math.isfinite(norm_value):
+            self._stop(f"the gradient norm became {norm_value} at step {step + 1}")
+        self.optimizer.step()
+        return loss_value, norm_value, lr
+
+    def _report(self, done: int, loss: float, norm: float, lr: float) -> None:
+        """The history line and the progress bar of a step."""
+        config = self.config
+        self.interval.append(loss)
+        if self.main and (done % config.log_every == 0 or done == config.steps):
+            append_history(self.history_path, done, loss, lr, norm)
+        if self.progress is None:
+            return
+        start, steps = self.window[0], self.window[1] + 1
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        rate = f"{steps * config.batch_size / elapsed:.0f}"
+        self.progress.set_postfix({_metric_name(self.data): f"{loss:.4f}", "samples/s": rate}, refresh=False)
+        self.progress.update(1)
+        self.window = (time.perf_counter(), 0) if elapsed > 5.0 else (start, steps)
+
+    def validate(self, done: int) -> None:
+        """The validation metric, the curves and a figure (rank 0)."""
+        if self.main:
+            metric = _metric_name(self.data)
+            val = evaluate_nll(self.model, self.data, self.data.val, seed=self.config.seed + 1)
+            train_value = float(np.mean(self.interval))
+            self.curves["steps"].append(float(done))
+            self.curves["train"].append(train_value)
+            self.curves["val"].append(val)
+            self.log.info(f"step {done}: train {metric} {train_value:.4f}, val {metric} {val:.4f}")
+            with torch.random.fork_rng(devices=[]):
+                _figures(self.model, self.data, self.out, self.config, f"figures/step_{done:06d}.png", self.curves)
+        self.interval = []
+
+    def save(self, done: int) -> None:
+        """A checkpoint at step ``done``; every process takes part (their generator states are gathered)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            self._stop(f"the parameters became non-finite at step {done}")
+        context = self.context
+        rank_rng: list[Tensor] | None = None
+        if context.world_size > 1:
+            state = torch.get_rng_state()
+            gathered = [torch.empty_like(state) for _ in range(context.world_size)]
+            torch_dist.all_gather_object(gathered, state)
+            rank_rng = [t.cpu() for t in gathered]
+        if context.is_main:
+            data = self.data
+            extra: dict[str, Any] = {
+                "preprocess": data.preprocess.state(),
+                "event_shape": list(data.event_shape),
+                "data_kind": data.kind,
+                "curves": {key: list(values) for key, values in self.curves.items()},
             }
-            _atomic_write_text(out / "metrics.json", json.dumps({"step": config.steps, **metrics}, indent=2) + "\n")
-            files += [out / name for name in ("metrics.json", "checkpoint.pt", "config.json", "train.log")]
-            unit = "bits/dim" if metric == "bpd" else "nats"
-            log.info(
-                f"pyro-nf: done, {config.steps} steps. val {metric} {metrics[f'val_{metric}']:.4f} {unit}, "
-                f"test {metric} {metrics[f'test_{metric}']:.4f} {unit}"
-            )
-            log.info(f"pyro-nf: outputs in {out}/: " + ", ".join(p.name for p in files))
+            if rank_rng is not None:
+                extra["rank_rng"] = rank_rng
+            state_dict = {key: value.detach().cpu() for key, value in self.model.state_dict().items()}
+            rng = capture_rng_state()
+            checkpoint = Checkpoint(state_dict, self.optimizer.state_dict(), done, rng, self.config.to_dict(), extra)
+            save_checkpoint(self.checkpoint_path, checkpoint)
+        self.last_saved = done
+
+    def _stop(self, what: str) -> None:
+        config = self.config
+        kept = f"the last good checkpoint (step {self.last_saved}) is kept at {self.checkpoint_path}"
+        if self.last_saved is None:
+            kept = "no checkpoint had been written yet"
+        message = (
+            f"{what}; training stopped and {kept}. Try a lower --lr (now {config.lr:g}), more --warmup-steps "
+            f"(now {config.warmup_steps}), gradient clipping (--grad-clip, now {config.grad_clip:g})"
+            + (", or --coupling additive" if self.image_flow else "")
+        )
+        self.log.info(f"pyro-nf: error: {message}", console=False)  # the command line prints it
+        raise NonFiniteLossError(message)
+
+    # -- 5. finish ------------------------------------------------------------------------
+    def finish(self) -> TrainResult:
+        """The final metrics, ``metrics.json`` and the figures (rank 0)."""
+        config, data, out = self.config, self.data, self.out
+        if not self.main:
+            return TrainResult(out, config.steps, {}, [])
+        metric = _metric_name(data)
+        last_figure = out / "figures" / f"step_{config.steps:06d}.png"
+        if self.curves["steps"] and self.curves["steps"][-1] == config.steps and last_figure.exists():
+            # The validation at the last step already scored this model and drew its figure.
+            val_value = self.curves["val"][-1]
+            shutil.copyfile(last_figure, out / "samples.png")
+            files = [out / "samples.png", out / "curves.png"]
+        else:
+            val_value = evaluate_nll(self.model, data, data.val, seed=config.seed + 1)
+            with torch.random.fork_rng(devices=[]):
+                files = _figures(self.model, data, out, config, "samples.png", self.curves)
+        metrics = {
+            f"val_{metric}": val_value,
+            f"test_{metric}": evaluate_nll(self.model, data, data.test, seed=config.seed + 2),
+        }
+        atomic_write_text(out / "metrics.json", json.dumps({"step": config.steps, **metrics}, indent=2) + "\n")
+        files += [out / name for name in ("metrics.json", "checkpoint.pt", "config.json", "train.log")]
+        unit = "bits/dim" if metric == "bpd" else "nats"
+        self.log.info(
+            f"pyro-nf: done, {config.steps} steps. val {metric} {metrics[f'val_{metric}']:.4f} {unit}, "
+            f"test {metric} {metrics[f'test_{metric}']:.4f} {unit}"
+        )
+        self.log.info(f"pyro-nf: outputs in {out}/: " + ", ".join(p.name for p in files))
         return TrainResult(out, config.steps, metrics, files)
-    finally:
-        log.close()
+
+    def close(self) -> None:
+        self.log.close()
 
 
 def _version() -> str:
@@ -364,55 +401,3 @@ def _progress(config: TrainConfig, start: int, main: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=config.steps, initial=start, desc=f"{config.flow}", unit="step", dynamic_ncols=True)
-
-
-def _write_history(path: Path, rows: list[dict[str, str]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["step", "loss", "lr", "grad_norm"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _append_history(path: Path, step: int, loss: float, lr: float, norm: float) -> None:
-    with path.open("a", newline="") as handle:
-        csv.writer(handle).writerow([step, repr(loss), repr(lr), repr(norm)])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def _save(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    config: TrainConfig,
-    data: PreparedData,
-    curves: dict[str, list[float]],
-    context: DistributedContext,
-) -> None:
-    """Every process takes part (their generator states are gathered); rank 0 writes."""
-    rank_rng: list[Tensor] | None = None
-    if context.world_size > 1:
-        state = torch.get_rng_state()
-        gathered = [torch.empty_like(state) for _ in range(context.world_size)]
-        torch_dist.all_gather_object(gathered, state)
-        rank_rng = [t.cpu() for t in gathered]
-    if not context.is_main:
-        return
-    extra: dict[str, Any] = {
-        "preprocess": data.preprocess.state(),
-        "event_shape": list(data.event_shape),
-        "data_kind": data.kind,
-        "curves": {key: list(values) for key, values in curves.items()},
-    }
-    if rank_rng is not None:
-        extra["rank_rng"] = rank_rng
-    state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    save_checkpoint(
-        path,
-        Checkpoint(state_dict, optimizer.state_dict(), step, capture_rng_state(), config.to_dict(), extra),
-    )

@@ -15,7 +15,7 @@ from pyro_nf.distributions import FlowModel
 from pyro_nf.registry import FLOWS
 from pyro_nf.training.config import ConfigError, TrainConfig, data_kind
 from pyro_nf.training.data import PreparedData, prepare_data, preprocess_from_state
-from pyro_nf.training.distributed import DistributedContext, _resolve_device
+from pyro_nf.training.distributed import resolve_device
 from pyro_nf.training.figures import _plot_sample_picture, _samples
 from pyro_nf.training.model import _metric_name, build_model, evaluate_nll
 
@@ -31,7 +31,7 @@ def _load_run(checkpoint_path: Path, device: str) -> tuple[FlowModel, TrainConfi
     shell = PreparedData(extra["data_kind"], empty, empty, empty, preprocess_from_state(extra["preprocess"]), "")
     model = build_model(config, shell)
     model.load_state_dict(checkpoint.model)
-    model.to(_resolve_device(device, DistributedContext()))
+    model.to(resolve_device(device))
     model.eval()
     return model, config, shell, checkpoint
 

@@ -14,7 +14,8 @@
 - :mod:`~pyro_nf.transforms.preprocess`: dequantization and the logit transform.
 """
 
-from pyro_nf.core import ConditionalFlowStack, FlowStack, FlowTransform, FlowTransformModule, InverseTransformModule
+from pyro_nf.conditional import ConditionalFlowStack
+from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule, InverseTransformModule
 from pyro_nf.transforms.autoregressive import (
     AffineAutoregressive,
     Autoregressive,

@@ -28,7 +28,6 @@ Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow"
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal, TypedDict
 
@@ -36,24 +35,17 @@ import torch
 from torch import Tensor, nn
 
 from pyro_nf.checks import check_choice, check_options, check_positive_int
-from pyro_nf.core import (
-    ConditionalFlowStack,
-    ConditionalFlowTransformModule,
-    FlowStack,
-    FlowTransform,
-    FlowTransformModule,
-)
-from pyro_nf.nn.made import MADE, Order, SequentialMethod, check_sequential_method
+from pyro_nf.conditional import ConditionalFlowStack, ConditionalFlowTransformModule
+from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule
+from pyro_nf.nn.made import MADE, Order, Permutation, SequentialMethod, check_sequential_method, stack_orders
 from pyro_nf.nn.nets import default_hidden_dims
-from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, ElementwiseMap, Scale
+from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, AffineOptions, ElementwiseMap, Scale, affine_map
 from pyro_nf.transforms.normalization import BatchNorm
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 Parallel = Literal["forward", "inverse"]
-Permutation = Literal["reversed", "random", "none"]
-PERMUTATIONS: tuple[Permutation, ...] = ("reversed", "random", "none")
 
 
 class ConditionedAutoregressive(FlowTransform):
@@ -259,27 +251,6 @@ def affine_autoregressive(
     return AffineAutoregressive(made, parallel, scale, log_scale_bound, sequential=sequential)
 
 
-def _permutation(permutation: str) -> Permutation:
-    if permutation == "reverse":
-        warnings.warn(
-            "permutation='reverse' is deprecated; use permutation='reversed' (the spelling of MADE's order)",
-            DeprecationWarning,
-            stacklevel=4,
-        )
-        return "reversed"
-    check_choice(permutation, PERMUTATIONS, "permutation")
-    return permutation  # type: ignore[return-value]
-
-
-def _orders(input_dim: int, num_transforms: int, permutation: Permutation, seed: int) -> list[Order | Tensor]:
-    if permutation == "none":
-        return ["natural"] * num_transforms
-    if permutation == "reversed":
-        return ["natural" if i % 2 == 0 else "reversed" for i in range(num_transforms)]
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randperm(input_dim, generator=generator) for _ in range(num_transforms)]
-
-
 def autoregressive_stack(
     input_dim: int,
     context_dim: int,
@@ -306,10 +277,9 @@ def autoregressive_stack(
     if context_dim:
         check_positive_int(context_dim, "context_dim")
     check_sequential_method(sequential)
-    permutation = _permutation(permutation)
     hidden = list(hidden_dims) if hidden_dims is not None else default_hidden_dims(input_dim)
     parts: list[nn.Module] = []
-    for i, order in enumerate(_orders(input_dim, num_transforms, permutation, seed)):
+    for i, order in enumerate(stack_orders(input_dim, num_transforms, permutation, seed)):
         if batch_norm and i > 0:
             parts.append(BatchNorm(input_dim))
         made = MADE(input_dim, hidden, elementwise.num_params, context_dim, order, residual, activation)
@@ -331,11 +301,8 @@ class AutoregressiveOptions(TypedDict, total=False):
     sequential: SequentialMethod
 
 
-class AffineAutoregressiveOptions(AutoregressiveOptions, total=False):
+class AffineAutoregressiveOptions(AutoregressiveOptions, AffineOptions, total=False):
     """Keyword options of :func:`maf`, :func:`iaf` and their conditional forms."""
-
-    scale: Scale
-    log_scale_bound: float
 
 
 def _affine_stack(
@@ -348,9 +315,8 @@ def _affine_stack(
     options: AffineAutoregressiveOptions,
 ) -> list[nn.Module]:
     check_options(factory, options, AffineAutoregressiveOptions)
-    rest = dict(options)
-    elementwise = AffineMap(rest.pop("scale", "softclamp"), rest.pop("log_scale_bound", LOG_SCALE_BOUND))  # type: ignore[arg-type]
-    return autoregressive_stack(input_dim, context_dim, parallel, hidden_dims, num_transforms, elementwise, **rest)  # type: ignore[arg-type]
+    elementwise, rest = affine_map(options)
+    return autoregressive_stack(input_dim, context_dim, parallel, hidden_dims, num_transforms, elementwise, **rest)
 
 
 def maf(

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from pyro_nf.checks import check_positive_int
-from pyro_nf.core import ConditionalFlowTransformModule, FlowTransform
+from pyro_nf.conditional import ConditionalFlowTransformModule
+from pyro_nf.core import FlowTransform
 from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, Scale
 
 

@@ -46,25 +46,25 @@ Kidger et al., "'Hey, that's not an ODE': Faster ODE Adjoints via Seminorms", IC
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import constraints
-from torchdiffeq import odeint, odeint_adjoint
 
 from pyro_nf.checks import check_image_shape, check_positive_int
-from pyro_nf.core import ConditionalFlowTransformModule, FlowStack, FlowTransform, FlowTransformModule
-from pyro_nf.nn.odefunc import Activation, AugmentedDynamics, ConvODENet, Noise, ODENet, Trace, sample_noise
+from pyro_nf.conditional import ConditionalFlowTransformModule
+from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule
+from pyro_nf.nn.divergence import AugmentedDynamics, sample_noise
+from pyro_nf.nn.odefunc import Activation, ConvODENet, ODENet
 from pyro_nf.transforms.multiscale import check_squeezable, multiscale, resolve_levels, warn_num_scales
 from pyro_nf.transforms.ode import (
-    AdjointNorm,
     EndTime,
-    EvalTrace,
     ODEOptions,
+    SolverOptions,
     SolveStatistics,
     _SolveRecord,
-    _state_norm,
+    split_solver_options,
 )
 
 if TYPE_CHECKING:
@@ -149,34 +149,13 @@ class ConditionedFFJORD(SolveStatistics, FlowTransform):
         zeros = z.new_zeros(z.shape[0])
         state = (z, zeros, zeros, zeros) if regularize else (z, zeros)
 
-        options: dict[str, Any]
-        adjoint_options: dict[str, Any]
-        if settings.step_size is not None:
-            options = {"step_size": settings.step_size}
-            adjoint_options = dict(options)
-        else:
-            options = {"norm": _state_norm}
-            if self.options.max_num_steps is not None:
-                options["max_num_steps"] = self.options.max_num_steps
-            adjoint_options = {k: v for k, v in options.items() if k != "norm"}
-            if self.options.adjoint_norm == "seminorm":
-                adjoint_options["norm"] = "seminorm"
         use_adjoint = self.options.adjoint and torch.is_grad_enabled()
-        solve_kwargs = {"rtol": settings.rtol, "atol": settings.atol, "method": settings.solver, "options": options}
+        params: list[Tensor] = []
         if use_adjoint:
-            params: list[Tensor] = [p for p in self.net.parameters() if p.requires_grad]
+            params = [p for p in self.net.parameters() if p.requires_grad]
             if context is not None and context.requires_grad:
                 params.append(context)
-            solution = odeint_adjoint(
-                dynamics,
-                state,
-                times,
-                adjoint_params=tuple(params),
-                adjoint_options=adjoint_options,
-                **solve_kwargs,
-            )
-        else:
-            solution = odeint(dynamics, state, times, **solve_kwargs)
+        solution = self.options.integrate(dynamics, state, times, settings, params if use_adjoint else None)
 
         record = self._record
         record.nfe = record.solve_calls = dynamics.calls
@@ -283,27 +262,6 @@ def default_ffjord_hidden_dims(input_dim: int) -> list[int]:
     return [max(64, 4 * input_dim)] * 3
 
 
-class SolverOptions(TypedDict, total=False):
-    """The solver options of every FFJORD factory (the fields of :class:`~pyro_nf.transforms.ode.ODEOptions`)."""
-
-    trace: Trace
-    noise: Noise
-    solver: str
-    rtol: float
-    atol: float
-    step_size: float | None
-    adjoint: bool
-    adjoint_norm: AdjointNorm
-    eval_trace: EvalTrace
-    eval_solver: str | None
-    eval_rtol: float | None
-    eval_atol: float | None
-    eval_step_size: float | None
-    kinetic_energy: float
-    jacobian_norm: float
-    max_num_steps: int | None
-
-
 class FFJORDOptions(SolverOptions, total=False):
     """Keyword options of :func:`ffjord` and :func:`conditional_ffjord`."""
 
@@ -313,19 +271,9 @@ class FFJORDOptions(SolverOptions, total=False):
     zero_init: bool
 
 
-def _split_options(options: dict[str, Any], own: type) -> tuple[dict[str, Any], ODEOptions]:
-    """The factory's own options (the keys of ``own`` beyond the solver's), and :class:`ODEOptions` from the rest.
-
-    An unknown name reaches :meth:`ODEOptions.from_kwargs`, whose ``ValueError`` lists the known ones.
-    """
-    own_keys = set(own.__optional_keys__) - set(SolverOptions.__optional_keys__)  # type: ignore[attr-defined]
-    rest = {k: v for k, v in options.items() if k in own_keys}
-    return rest, ODEOptions.from_kwargs(**{k: v for k, v in options.items() if k not in own_keys})
-
-
 def _field(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None, options: dict[str, Any]):  # type: ignore[no-untyped-def]
     check_positive_int(input_dim, "input_dim")
-    rest, ode_options = _split_options(options, FFJORDOptions)
+    rest, ode_options = split_solver_options(options, FFJORDOptions)
     hidden = list(hidden_dims) if hidden_dims is not None else default_ffjord_hidden_dims(input_dim)
     net = ODENet(input_dim, hidden, context_dim, rest.get("activation", "softplus"), rest.get("zero_init", True))
     return net, rest.get("t1", 1.0), rest.get("train_t1", False), ode_options
@@ -383,13 +331,9 @@ def conditional_ffjord(
     return ConditionalFFJORD(net, t1, train_t1, ode_options)
 
 
-class MultiscaleFFJORDOptions(SolverOptions, total=False):
+class MultiscaleFFJORDOptions(FFJORDOptions, total=False):
     """Keyword options of :func:`ffjord_multiscale`."""
 
-    t1: float
-    train_t1: bool
-    activation: Activation
-    zero_init: bool
     kernel_size: int
 
 
@@ -475,7 +419,7 @@ def ffjord_multiscale(
         raise ValueError(f"hidden_channels: expected a positive int or a list of them, got {hidden_channels!r}")
     hidden = [hidden_channels] * 3 if isinstance(hidden_channels, int) else list(hidden_channels)
     check_squeezable(shape, levels, "ffjord_multiscale", named)
-    rest, ode_options = _split_options(dict(options), MultiscaleFFJORDOptions)
+    rest, ode_options = split_solver_options(dict(options), MultiscaleFFJORDOptions)
     warn_num_scales("ffjord_multiscale", num_scales)
     t1, train_t1 = rest.get("t1", 1.0), rest.get("train_t1", False)
     activation, zero_init, kernel = (

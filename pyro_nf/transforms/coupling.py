@@ -35,15 +35,10 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from pyro_nf.checks import check_choice, check_options, check_positive_int
-from pyro_nf.core import (
-    ConditionalFlowStack,
-    ConditionalFlowTransformModule,
-    FlowStack,
-    FlowTransform,
-    FlowTransformModule,
-)
+from pyro_nf.conditional import ConditionalFlowStack, ConditionalFlowTransformModule
+from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule
 from pyro_nf.nn.nets import MLP, default_hidden_dims
-from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, ElementwiseMap, Scale
+from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, AffineOptions, ElementwiseMap, Scale, affine_map
 from pyro_nf.transforms.normalization import BatchNorm
 
 if TYPE_CHECKING:
@@ -343,11 +338,8 @@ class CouplingOptions(TypedDict, total=False):
     activation: Callable[[], nn.Module]
 
 
-class AffineCouplingOptions(CouplingOptions, total=False):
+class AffineCouplingOptions(CouplingOptions, AffineOptions, total=False):
     """Keyword options of :func:`realnvp` and :func:`conditional_realnvp`."""
-
-    scale: Scale
-    log_scale_bound: float
 
 
 def _affine_stack(
@@ -359,9 +351,8 @@ def _affine_stack(
     options: AffineCouplingOptions,
 ) -> list[nn.Module]:
     check_options(factory, options, AffineCouplingOptions)
-    rest = dict(options)
-    elementwise = AffineMap(rest.pop("scale", "softclamp"), rest.pop("log_scale_bound", LOG_SCALE_BOUND))  # type: ignore[arg-type]
-    return coupling_stack(input_dim, context_dim, hidden_dims, num_transforms, elementwise, **rest)  # type: ignore[arg-type]
+    elementwise, rest = affine_map(options)
+    return coupling_stack(input_dim, context_dim, hidden_dims, num_transforms, elementwise, **rest)
 
 
 def realnvp(

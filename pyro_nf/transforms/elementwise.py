@@ -32,9 +32,9 @@ rational-quadratic spline of neural spline flows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -131,6 +131,26 @@ class AffineMap:
     def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         mu, alpha = self.shift_and_log_scale(params)
         return (y - mu) * (-alpha).exp(), alpha
+
+
+class AffineOptions(TypedDict, total=False):
+    """The keyword options of every factory whose layers apply an :class:`AffineMap`."""
+
+    scale: Scale
+    log_scale_bound: float
+
+
+def affine_map(options: Mapping[str, Any]) -> tuple[AffineMap, dict[str, Any]]:
+    """The :class:`AffineMap` that ``options`` name (``scale``, ``log_scale_bound``), and the other options.
+
+    Example::
+
+        >>> g, rest = affine_map({"scale": "gate", "mask": "half"})
+        >>> g.scale, rest
+        ('gate', {'mask': 'half'})
+    """
+    rest = dict(options)
+    return AffineMap(rest.pop("scale", "softclamp"), rest.pop("log_scale_bound", LOG_SCALE_BOUND)), rest
 
 
 @dataclass(frozen=True)

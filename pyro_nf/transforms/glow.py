@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from pyro_nf.checks import check_image_shape, check_options, check_positive_int
-from pyro_nf.core import ConditionalFlowStack, FlowStack, FlowTransformModule
+from pyro_nf.conditional import ConditionalFlowStack
+from pyro_nf.core import FlowStack, FlowTransformModule
 from pyro_nf.transforms.conditional_prior import ConditionalLatentAffine
 from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, Scale
 from pyro_nf.transforms.image_coupling import CouplingKind, image_coupling, prior_coupling

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
+from torchdiffeq import odeint, odeint_adjoint
 
 from pyro_nf.checks import check_choice
-from pyro_nf.nn.odefunc import NOISES, TRACES, AugmentedDynamics, Noise, Trace
+from pyro_nf.nn.divergence import NOISES, TRACES, AugmentedDynamics, Noise, Trace
 
 ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_GRID_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun3", "rk4")
@@ -130,6 +132,40 @@ class ODEOptions:
     def regularize(self) -> bool:
         """Whether training-mode solves integrate the RNODE quantities."""
         return self.kinetic_energy > 0 or self.jacobian_norm > 0
+
+    def integrate(
+        self,
+        dynamics: AugmentedDynamics,
+        state: tuple[Tensor, ...],
+        times: Tensor,
+        settings: _Settings,
+        adjoint_params: Sequence[Tensor] | None,
+    ) -> tuple[Tensor, ...]:
+        """Solve ``dynamics`` from ``state`` over ``times`` with these options and ``settings``.
+
+        With ``adjoint_params`` (the tensors whose gradients the adjoint solve computes) the
+        solve is :func:`torchdiffeq.odeint_adjoint`, else :func:`torchdiffeq.odeint`. Adaptive
+        solvers control the error of ``z`` and the log-det only (:func:`_state_norm`); the
+        adjoint solve uses the seminorm unless ``adjoint_norm="mixed"``.
+        """
+        options: dict[str, Any]
+        adjoint_options: dict[str, Any]
+        if settings.step_size is not None:
+            options = {"step_size": settings.step_size}
+            adjoint_options = dict(options)
+        else:
+            options = {"norm": _state_norm}
+            if self.max_num_steps is not None:
+                options["max_num_steps"] = self.max_num_steps
+            adjoint_options = {k: v for k, v in options.items() if k != "norm"}
+            if self.adjoint_norm == "seminorm":
+                adjoint_options["norm"] = "seminorm"
+        kwargs = {"rtol": settings.rtol, "atol": settings.atol, "method": settings.solver, "options": options}
+        if adjoint_params is None:
+            return odeint(dynamics, state, times, **kwargs)  # type: ignore[no-any-return]
+        return odeint_adjoint(  # type: ignore[no-any-return]
+            dynamics, state, times, adjoint_params=tuple(adjoint_params), adjoint_options=adjoint_options, **kwargs
+        )
 
     def resolve(self, training: bool, dim: int) -> _Settings:
         """The settings of one solve in training or evaluation mode for event size ``dim``."""
@@ -261,3 +297,34 @@ class SolveStatistics:
             self.options.kinetic_energy * record.kinetic_energy.mean()
             + self.options.jacobian_norm * record.jacobian_norm.mean()
         )
+
+
+class SolverOptions(TypedDict, total=False):
+    """The solver options of every FFJORD factory (the fields of :class:`~pyro_nf.transforms.ode.ODEOptions`)."""
+
+    trace: Trace
+    noise: Noise
+    solver: str
+    rtol: float
+    atol: float
+    step_size: float | None
+    adjoint: bool
+    adjoint_norm: AdjointNorm
+    eval_trace: EvalTrace
+    eval_solver: str | None
+    eval_rtol: float | None
+    eval_atol: float | None
+    eval_step_size: float | None
+    kinetic_energy: float
+    jacobian_norm: float
+    max_num_steps: int | None
+
+
+def split_solver_options(options: dict[str, Any], own: type) -> tuple[dict[str, Any], ODEOptions]:
+    """The factory's own options (the keys of ``own`` beyond the solver's), and :class:`ODEOptions` from the rest.
+
+    An unknown name reaches :meth:`ODEOptions.from_kwargs`, whose ``ValueError`` lists the known ones.
+    """
+    own_keys = set(own.__optional_keys__) - set(SolverOptions.__optional_keys__)  # type: ignore[attr-defined]
+    rest = {k: v for k, v in options.items() if k in own_keys}
+    return rest, ODEOptions.from_kwargs(**{k: v for k, v in options.items() if k not in own_keys})

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyro_nf.checks import check_positive_int
+from pyro_nf.transforms.elementwise import Params
 
 __all__ = ["RationalQuadraticSpline"]
 
@@ -107,14 +108,19 @@ class RationalQuadraticSpline:
         _check_number(self.min_derivative, "min_derivative", below=1.0, why=" below 1")
         object.__setattr__(self, "num_params", 3 * self.bins - 1)
 
-    def knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(x, y, delta)`` at the ``K + 1`` knots, each of shape ``(*s, K + 1)``, from ``params`` ``(3K - 1, *s)``."""
-        if params.dim() < 1 or params.shape[0] != self.num_params:
+    def knots(self, params: Params) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, y, delta)`` at the ``K + 1`` knots, each of shape ``(*s, K + 1)``, from the ``3K - 1`` raw parameters.
+
+        ``params`` is a tensor of shape ``(3K - 1, *s)`` or a sequence of ``3K - 1`` tensors of shape ``s``.
+        """
+        count = params.shape[0] if isinstance(params, Tensor) and params.dim() else len(params)
+        if count != self.num_params:
+            shape = tuple(params.shape) if isinstance(params, Tensor) else f"{count} tensors"
             raise ValueError(
-                f"params: expected shape ({self.num_params}, ...) (3 * bins - 1 raw parameters first), "
-                f"got {tuple(params.shape)}"
+                f"params: expected shape ({self.num_params}, ...) (3 * bins - 1 raw parameters first), got {shape}"
             )
-        k, raw = self.bins, params.movedim(0, -1)
+        raw = params.movedim(0, -1) if isinstance(params, Tensor) else torch.stack(torch.broadcast_tensors(*params), -1)
+        k = self.bins
         xs = self._edges(raw[..., :k], self.min_width)
         ys = self._edges(raw[..., k : 2 * k], self.min_height)
         m = self.min_derivative
@@ -152,26 +158,31 @@ class RationalQuadraticSpline:
         numerator = d1 * z * z + 2.0 * s * zz + d0 * z1 * z1
         return beta, numerator.log() + 2.0 * (s.log() - beta.log())
 
-    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """``(g(x), log g'(x))`` element-wise (eqs. 4 and 5 of [1]); the identity with ``log g' = 0`` outside."""
+    def _locate(self, v: Tensor, params: Params, side: int) -> tuple[Tensor, ...]:
+        """``v`` clamped into ``[-B, B]``, its bin's ``(x0, dx, y0, dy, d0, d1)`` and slope ``dy / dx``.
+
+        The bin is looked up among the x knots (``side=0``) or the y knots (``side=1``).
+        """
         knots = self.knots(params)
-        b = self.bound
-        xc = x.clamp(-b, b)
-        x0, dx, y0, dy, d0, d1 = self._bin(xc, knots[0], knots)
-        s = dy / dx
+        vc = v.clamp(-self.bound, self.bound)
+        x0, dx, y0, dy, d0, d1 = self._bin(vc, knots[side], knots)
+        return vc, x0, dx, y0, dy, d0, d1, dy / dx
+
+    def _outside(self, v: Tensor, inside_value: Tensor, ladj: Tensor) -> tuple[Tensor, Tensor]:
+        """The identity with ``log g' = 0`` outside ``[-B, B]``."""
+        inside = (v >= -self.bound) & (v <= self.bound)
+        return torch.where(inside, inside_value, v), torch.where(inside, ladj, 0.0)
+
+    def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        """``(g(x), log g'(x))`` element-wise (eqs. 4 and 5 of [1]); the identity with ``log g' = 0`` outside."""
+        xc, x0, dx, y0, dy, d0, d1, s = self._locate(x, params, 0)
         z = (xc - x0) / dx
         beta, ladj = self._log_derivative(z, s, d0, d1)
-        y = y0 + dy * z * (s * z + d0 * (1.0 - z)) / beta
-        inside = (x >= -b) & (x <= b)
-        return torch.where(inside, y, x), torch.where(inside, ladj, 0.0)
+        return self._outside(x, y0 + dy * z * (s * z + d0 * (1.0 - z)) / beta, ladj)
 
-    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """``(x, log g'(x))`` with ``x = g^{-1}(y)``, the root of the bin's quadratic (eqs. 6-8 of [1])."""
-        knots = self.knots(params)
-        b = self.bound
-        yc = y.clamp(-b, b)
-        x0, dx, y0, dy, d0, d1 = self._bin(yc, knots[1], knots)
-        s = dy / dx
+        yc, x0, dx, y0, dy, d0, d1, s = self._locate(y, params, 1)
         t = (yc - y0) / dy
         d = d0 + d1 - 2.0 * s
         qa, qb, ts = s - d0 + t * d, d0 - t * d, t * s
@@ -181,5 +192,4 @@ class RationalQuadraticSpline:
         z = torch.where(positive, 2.0 * ts, root - qb) / torch.where(positive, qb + root, 2.0 * qa)
         z = z + (z.clamp(0.0, 1.0) - z).detach()  # the clamp mends rounding only: keep the root's gradient
         _, ladj = self._log_derivative(z, s, d0, d1)
-        inside = (y >= -b) & (y <= b)
-        return torch.where(inside, x0 + z * dx, y), torch.where(inside, ladj, 0.0)
+        return self._outside(y, x0 + z * dx, ladj)

@@ -40,13 +40,8 @@ from pyro.distributions.transforms import Sylvester
 from torch import Tensor, nn
 
 from pyro_nf.checks import check_positive_int
-from pyro_nf.core import (
-    ConditionalFlowStack,
-    ConditionalFlowTransformModule,
-    FlowStack,
-    FlowTransform,
-    FlowTransformModule,
-)
+from pyro_nf.conditional import ConditionalFlowStack, ConditionalFlowTransformModule
+from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule
 from pyro_nf.nn.nets import MLP
 
 DEFAULT_SYLVESTER_LAYERS = 4
