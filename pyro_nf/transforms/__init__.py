@@ -27,6 +27,7 @@ from pyro_nf.transforms.coupling import (
     coupling_mask,
     realnvp,
 )
+from pyro_nf.transforms.flow_matching import BlockSegment, block_segments, flow_matching_loss, ot_pairing
 from pyro_nf.transforms.glow import (
     ActNorm,
     ConditionalLatentAffine,
@@ -59,6 +60,10 @@ __all__ = [
     "conditional_ffjord",
     "ffjord",
     "ffjord_multiscale",
+    "BlockSegment",
+    "block_segments",
+    "flow_matching_loss",
+    "ot_pairing",
     "ActNorm",
     "ConditionalLatentAffine",
     "ConditionedLatentAffine",

@@ -493,6 +493,23 @@ class FFJORD(ConditionedFFJORD, FlowTransformModule):
             )
         super().__init__(net, EndTime(t1, train_t1), options or ODEOptions(), None, None, cache_size)
 
+    def flow_matching_loss(
+        self,
+        x: Tensor,
+        *,
+        path: Literal["linear", "cosine"] = "linear",
+        coupling: Literal["independent", "ot"] = "independent",
+        sigma_min: float = 0.0,
+        x0: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The flow-matching loss of the data ``x``: see :func:`~pyro_nf.transforms.flow_matching_loss`."""
+        from pyro_nf.transforms.flow_matching import flow_matching_loss  # that module builds on this one
+
+        return flow_matching_loss(
+            self, x, path=path, coupling=coupling, sigma_min=sigma_min, x0=x0, generator=generator
+        )
+
 
 class ConditionalFFJORD(SolveStatistics, ConditionalTransformModule):
     """A continuous normalizing flow whose vector field reads a context; ``.condition(context)`` gives the transform.
@@ -523,6 +540,24 @@ class ConditionalFFJORD(SolveStatistics, ConditionalTransformModule):
     def condition(self, context: Tensor) -> ConditionedFFJORD:
         check_context(context, self.net.context_dim, next(self.net.parameters()))
         return ConditionedFFJORD(self.net, self.end_time, self.options, context, self._record)
+
+    def flow_matching_loss(
+        self,
+        x: Tensor,
+        context: Tensor,
+        *,
+        path: Literal["linear", "cosine"] = "linear",
+        coupling: Literal["independent", "ot"] = "independent",
+        sigma_min: float = 0.0,
+        x0: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The flow-matching loss of ``x`` given ``context``: see :func:`~pyro_nf.transforms.flow_matching_loss`."""
+        from pyro_nf.transforms.flow_matching import flow_matching_loss  # that module builds on this one
+
+        return flow_matching_loss(
+            self, x, context, path=path, coupling=coupling, sigma_min=sigma_min, x0=x0, generator=generator
+        )
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
