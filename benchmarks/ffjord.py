@@ -589,10 +589,11 @@ def main(argv: list[str] | None = None) -> str:
                 lines.append(row)
                 print(row, flush=True)
     if "fm" in args.parts:
+        capped = "" if fm_steps == sys.maxsize else f" (up to {fm_steps} steps)"
         lines += [
             "",
             f"Flow matching against maximum likelihood, the same field (3 x 64), batch {batch}, {fm_budget:g} s of "
-            f"training wall time each (up to {fm_steps} steps), {where}; test NLL (nats, exact trace) and the NFE of "
+            f"training wall time each{capped}, {where}; test NLL (nats, exact trace) and the NFE of "
             f"that solve (dopri5, rtol = atol = {TOL}) on {n_test} held-out points; time to the ML run's final NLL "
             "(training seconds, evaluations excluded) and the ML run's training time divided by it.",
             "",

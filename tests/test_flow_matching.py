@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Callable
 
 import pyro.distributions as dist
@@ -249,6 +250,13 @@ def test_ot_pairing_stays_within_groups() -> None:
         members = (groups == label).nonzero()[:, 0]
         brute = min(_cost(x0[members[list(p)]], x1[members]) for p in itertools.permutations(range(len(members))))
         assert _cost(x0[perm[members]], x1[members]) == pytest.approx(brute, abs=1e-5)
+
+
+def test_ot_without_scipy_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"coupling='ot' needs SciPy.*pip install scipy"):
+        flow_matching_loss(ffjord(2, [4]), torch.randn(8, 2), coupling="ot")
+    assert torch.isfinite(flow_matching_loss(ffjord(2, [4]), torch.randn(8, 2)))  # the rest does not need it
 
 
 def test_the_ot_loss_is_the_loss_of_the_ot_pairs() -> None:

@@ -225,7 +225,7 @@ def block_segments(flow: Transform, device: torch.device | str | None = None) ->
 def _linear_sum_assignment() -> Callable[..., Any]:
     try:
         from scipy.optimize import linear_sum_assignment
-    except ImportError as error:  # pragma: no cover - SciPy is installed wherever scikit-learn is
+    except ImportError as error:
         raise ImportError(
             "coupling='ot' needs SciPy's scipy.optimize.linear_sum_assignment: pip install scipy "
             "(or pip install 'pyro-nf[ot]')"
