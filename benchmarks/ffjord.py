@@ -31,6 +31,19 @@ Part 2, FFJORD with and without RNODE (``kinetic_energy = jacobian_norm = λ``):
 steps; the NFE per step and the wall time (evaluations excluded) until each run first reaches the
 same test NLL, the worse of the two runs' final values. ``benchmarks/rnode.py`` is the longer study
 (several λ, fixed-grid RK4 training, one process per configuration).
+
+Part 3, flow matching against maximum likelihood (``--parts fm``), on ``--fm-toys`` (default moons,
+8gaussians, checkerboard and gmm8): the same field, ``ffjord(D, [64, 64, 64])``, trained on the same data
+stream and batch size by maximum likelihood (as in part 1: Hutchinson trace, dopri5, adjoint) and by flow
+matching (:func:`pyro_nf.transforms.flow_matching_loss`: the linear path with ``σ_min = 0``, independent
+pairs, and ``--fm-couplings ot`` adds exact minibatch-OT pairs), each for ``--fm-budget-s`` seconds of
+training wall time (evaluations excluded). The runs take their steps in turn, the one that has trained
+for the least time going next, so that changes of the machine's load hit all of them alike. Every run
+measures the test NLL (exact trace, dopri5 at ``rtol = atol = 1e-5``) at the same training times, a
+geometric grid up to the budget (ratio sqrt(2)); reported: the final test NLL and the NFE of that test
+solve (how costly the learned dynamics are to solve), steps, time per step, and the first training time
+at which each run's test NLL was at or below the ML run's final one, with the ML run's training time
+divided by it.
 """
 
 from __future__ import annotations
@@ -56,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pyro_nf.data.targets import gaussian_mixture_target  # noqa: E402
 from pyro_nf.data.toy import TOY_DATASETS, sample_toy  # noqa: E402
 from pyro_nf.nn.odefunc import ODENet  # noqa: E402
-from pyro_nf.transforms import ffjord  # noqa: E402
+from pyro_nf.transforms import ffjord, flow_matching_loss  # noqa: E402
 
 HIDDEN = (64, 64, 64)
 TOL = 1e-5
@@ -251,6 +264,17 @@ def build_pyro_nf_layerwise(dim: int, device: torch.device) -> Model:
     return replace(model, name="pyro_nf-layerwise")
 
 
+def build_pyro_nf_fm(dim: int, device: torch.device, coupling: str = "independent") -> Model:
+    """pyro_nf's FFJORD (the same field and evaluation as :func:`build_pyro_nf`) trained by flow matching."""
+    model = build_pyro_nf(dim, device)
+    flow = model.module
+
+    def loss(x: Tensor) -> Tensor:
+        return flow_matching_loss(flow, x, coupling=coupling)  # type: ignore[arg-type]
+
+    return replace(model, name=f"flow matching ({coupling})", loss=loss)
+
+
 BUILDERS: dict[str, Builder] = {
     "pyro_nf": build_pyro_nf,
     "torchdiffeq": build_plain,
@@ -347,6 +371,86 @@ def train_in_turns(
     return {name: trainer.run for name, trainer in trainers.items()}
 
 
+def train_by_time(
+    builders: Mapping[str, Callable[[], Model]],
+    data: Data,
+    batch: int,
+    lrs: Mapping[str, float],
+    test: Tensor,
+    budget_s: float,
+    max_steps: int,
+    eval_times: list[float],
+    device: torch.device,
+) -> dict[str, Run]:
+    """Train every model for ``budget_s`` seconds of training wall time (or ``max_steps`` steps).
+
+    The model that has trained for the least time takes the next step, so a change of the machine's
+    load hits all alike; each is evaluated when its training time first passes each of ``eval_times``
+    and after its last step.
+    """
+    trainers = {}
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        trainers[name] = Trainer(build(), data, batch, lrs[name], device)
+    pending = {name: sorted(eval_times) for name in trainers}
+    while True:
+        active = [name for name, t in trainers.items() if t.wall < budget_s and t.steps < max_steps]
+        if not active:
+            break
+        name = min(active, key=lambda n: trainers[n].wall)
+        trainer = trainers[name]
+        trainer.step()
+        while pending[name] and trainer.wall >= pending[name][0]:
+            pending[name].pop(0)
+            trainer.evaluate(test)
+    for trainer in trainers.values():
+        if not trainer.run.curve or trainer.run.curve[-1][0] != trainer.steps:
+            trainer.evaluate(test)
+    return {name: trainer.run for name, trainer in trainers.items()}
+
+
+def flow_matching_rows(
+    datasets: list[str],
+    couplings: list[str],
+    batch: int,
+    lr: float,
+    fm_lr: float,
+    n_test: int,
+    device: torch.device,
+    budget_s: float,
+    max_steps: int,
+) -> list[str]:
+    """Part 3: the markdown rows of flow matching against maximum likelihood at equal training time."""
+    lines = []
+    eval_times = sorted({budget_s * 2 ** (-k / 2) for k in range(40) if budget_s * 2 ** (-k / 2) >= 0.5})
+    for name in datasets:
+        data = make_data(name)
+        test = data.sample(n_test, torch.Generator().manual_seed(123))
+        true_nll = data.true_nll(test)
+        builders: dict[str, Callable[[], Model]] = {"maximum likelihood": partial(build_pyro_nf, data.dim, device)}
+        lrs = {"maximum likelihood": lr}
+        for coupling in couplings:
+            builders[f"flow matching ({coupling})"] = partial(build_pyro_nf_fm, data.dim, device, coupling)
+            lrs[f"flow matching ({coupling})"] = fm_lr
+        runs = train_by_time(builders, data, batch, lrs, test.to(device), budget_s, max_steps, eval_times, device)
+        ml = runs["maximum likelihood"]
+        ml_nll, ml_wall = ml.curve[-1][3], ml.curve[-1][1]
+        for label, run in runs.items():
+            step, wall, _, nll, eval_nfe = run.curve[-1]
+            reached = next((point for point in run.curve if point[3] <= ml_nll), None)
+            to_ml = "not reached" if reached is None else f"{reached[1]:.1f}"
+            speedup = "—" if reached is None else f"{ml_wall / max(reached[1], 1e-9):.1f}x"
+            kl = "—" if true_nll is None else f"{nll - true_nll:.3f}"
+            ms = 1e3 * statistics.median(run.step_times)
+            row = (
+                f"| {name} | {label} | {lrs[label]} | {step} | {wall:.1f} | {ms:.1f} | "
+                f"{nll:.3f} | {kl} | {eval_nfe} | {to_ml} | {speedup} |"
+            )
+            lines.append(row)
+            print(row, flush=True)
+    return lines
+
+
 def last_quarter(values: list[float] | list[int]) -> float:
     tail = values[len(values) - max(1, len(values) // 4) :]
     return statistics.mean(tail)
@@ -407,7 +511,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown tables here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every model and tensor goes there)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of this process")
-    parser.add_argument("--parts", nargs="+", choices=["side", "rnode"], default=["side", "rnode"])
+    parser.add_argument("--parts", nargs="+", choices=["side", "rnode", "fm"], default=["side", "rnode", "fm"])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--budget-s", type=float, default=math.inf, help="wall-clock budget of each side-by-side row")
     parser.add_argument("--rnode-steps", type=int, default=300)
@@ -416,6 +520,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--toys", nargs="+", default=["moons", "8gaussians", "gmm8"], help="2D toys and/or gmm<D>")
     parser.add_argument("--rnode-toys", nargs="+", default=["8gaussians"])
+    parser.add_argument("--fm-toys", nargs="+", default=["moons", "8gaussians", "checkerboard", "gmm8"])
+    parser.add_argument("--fm-budget-s", type=float, default=45.0, help="training wall time of each part-3 run")
+    parser.add_argument("--fm-lr", type=float, default=5e-3, help="learning rate of the flow-matching runs")
+    parser.add_argument(
+        "--fm-couplings", nargs="+", choices=["independent", "ot"], default=["independent"], help="part-3 FM runs"
+    )
     parser.add_argument(
         "--libraries",
         nargs="+",
@@ -428,10 +538,12 @@ def main(argv: list[str] | None = None) -> str:
     device = torch.device(args.device)
     steps, rnode_steps, batch, toys, rnode_toys = args.steps, args.rnode_steps, args.batch, args.toys, args.rnode_toys
     n_test, eval_every = args.n_test, 25
+    fm_toys, fm_budget, fm_steps = args.fm_toys, args.fm_budget_s, sys.maxsize
     if args.smoke_test:
         steps, rnode_steps, batch, n_test, eval_every = 1, 1, 8, 16, 1
         toys = list(dict.fromkeys([*toys[:1], *[t for t in toys if t.startswith("gmm")][:1]]))
         rnode_toys = rnode_toys[:1]
+        fm_toys, fm_budget, fm_steps = fm_toys[:1], 1.0, 2
     lr = 5e-3
     where = f"{device.type}, {args.threads} CPU thread(s)" if device.type == "cpu" else str(device)
     lines = []
@@ -476,6 +588,23 @@ def main(argv: list[str] | None = None) -> str:
                 )
                 lines.append(row)
                 print(row, flush=True)
+    if "fm" in args.parts:
+        capped = "" if fm_steps == sys.maxsize else f" (up to {fm_steps} steps)"
+        lines += [
+            "",
+            f"Flow matching against maximum likelihood, the same field (3 x 64), batch {batch}, {fm_budget:g} s of "
+            f"training wall time each{capped}, {where}; test NLL (nats, exact trace) and the NFE of "
+            f"that solve (dopri5, rtol = atol = {TOL}) on {n_test} held-out points; time to the ML run's final NLL "
+            "(training seconds, evaluations excluded) and the ML run's training time divided by it.",
+            "",
+            "| data | run | lr | steps | train s | ms / step | test NLL | KL gap | eval NFE | "
+            "train s to ML's NLL | ML time / that |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        print(lines[-4], flush=True)
+        lines += flow_matching_rows(
+            fm_toys, args.fm_couplings, batch, lr, args.fm_lr, n_test, device, fm_budget, fm_steps
+        )
     text = "\n".join(lines) + "\n"
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

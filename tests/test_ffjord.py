@@ -428,6 +428,11 @@ def test_benchmark_smoke_test_runs() -> None:
     out = _benchmark("ffjord.py", "--smoke-test")
     assert "pyro_nf" in out and "zuko" in out and "torchdiffeq" in out
     assert "| gmm8 | zuko |" in out  # the D = 8 known-density row
+    # part 3: flow matching against maximum likelihood, at equal training time
+    for run in ("maximum likelihood", "flow matching (independent)"):
+        assert re.search(
+            rf"\| moons \| {re.escape(run)} \| [\d.e-]+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| — \| \d+ \|", out
+        ), run
     out = _benchmark("rnode.py", "--smoke-test", "--configs", "ffjord", "rk4-rnode-1", "--seeds", "0", "1")
     for seed in (0, 1):
         assert f"| 8gaussians | {seed} | ffjord | 2 |" in out

@@ -120,3 +120,14 @@ def test_class_conditional_smoke(tmp_path: Path) -> None:
     assert set(rows) == {"glow, p(x)", "conditional_glow, p(x given y)"}
     assert 0 < float(rows["glow, p(x)"][0]) < 10 and 0 < float(rows["conditional_glow, p(x given y)"][0]) < 10
     assert 0 <= float(rows["conditional_glow, p(x given y)"][1]) <= 1  # the accuracy of argmax_y p(x | y)
+
+
+def test_flow_matched_multiscale_cnf_against_glow_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "cnf.md"
+    _run_benchmark(tmp_path, "--ffjord-fm", "--smoke-test", "--output", str(out))
+    rows = {r[0]: r[1:] for r in _table_rows(out)}
+    assert set(rows) == {"Glow, maximum likelihood", "multiscale CNF, flow matching"}
+    for name, (params, steps, step_ms, bpd, sample_ms, _nfe) in rows.items():
+        assert int(params) > 0 and int(steps) == 3 and float(step_ms) > 0 and float(sample_ms) > 0
+        assert 0 < float(bpd) < 10, (name, bpd)
+    assert int(rows["multiscale CNF, flow matching"][5]) > 0 and rows["Glow, maximum likelihood"][5] == "—"

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from pyro_nf.core import FlowStack
-from pyro_nf.transforms import iaf, maf
-from pyro_nf.transforms.vector_actnorm import VectorActNorm, vector_actnorm
+from pyro_nf.transforms import ActNorm, iaf, maf
+from pyro_nf.transforms import actnorm as make_actnorm
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 6
@@ -26,9 +26,7 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 def trained(factory, scale: float, actnorm: bool, steps: int = 60, seed: int = 0) -> FlowStack:
     """A short float32 training of the NLL on fresh batches of ``N(0, I) * scale`` (Adam, lr 3e-2)."""
     torch.manual_seed(seed)
-    flow = factory(DIM, [32, 32], 3)
-    if actnorm:
-        flow = FlowStack([*flow.parts, VectorActNorm(DIM)])
+    flow = factory(DIM, [32, 32], 3, actnorm=actnorm)
     optimizer = torch.optim.Adam(flow.parameters(), lr=3e-2)
     generator = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
@@ -83,7 +81,7 @@ def test_actnorm_matches_the_unnormalised_flow_at_scale_one():
 
 # -- the vector ActNorm --------------------------------------------------------------------------------------------
 def test_initialises_to_zero_mean_unit_variance_on_the_first_training_batch():
-    norm = VectorActNorm(4).double()
+    norm = ActNorm(4).double()
     assert not bool(norm.initialised)
     scales = torch.tensor([1e4, 1.0, 3e-3, 50.0])
     y = torch.randn(8, 32, 4, dtype=torch.float64) * scales + torch.tensor([5.0, -2.0, 0.0, 1e3])
@@ -103,7 +101,7 @@ def test_initialises_to_zero_mean_unit_variance_on_the_first_training_batch():
 def test_float32_statistics_are_computed_in_float64():
     """Data far from zero with a small spread: the one-pass float32 variance would lose the spread."""
     y = 1e4 + 0.01 * torch.randn(4096, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    norm = VectorActNorm(2)
+    norm = ActNorm(2)
     z, _ = norm.inverse_and_log_det(y.float())
     assert norm.loc.dtype == torch.float32
     expected = y.float().double().std(0, correction=0)
@@ -112,7 +110,7 @@ def test_float32_statistics_are_computed_in_float64():
 
 
 def test_evaluation_mode_and_the_forward_direction_never_initialise():
-    norm = VectorActNorm(3).eval()
+    norm = ActNorm(3).eval()
     y = torch.randn(10, 3) * 5.0 + 2.0
     z, log_det = norm.inverse_and_log_det(y)
     assert not bool(norm.initialised) and torch.equal(z, y) and torch.equal(log_det, torch.zeros(10))
@@ -122,7 +120,7 @@ def test_evaluation_mode_and_the_forward_direction_never_initialise():
 
 
 def test_a_constant_feature_is_only_centred():
-    norm = VectorActNorm(2)
+    norm = ActNorm(2)
     y = torch.stack([torch.full((50,), 3.0), torch.randn(50)], dim=-1)
     z, log_det = norm.inverse_and_log_det(y)
     assert torch.isfinite(z).all() and torch.isfinite(log_det).all()
@@ -131,9 +129,9 @@ def test_a_constant_feature_is_only_centred():
 
 
 def test_state_dict_round_trip_keeps_it_initialised():
-    norm = VectorActNorm(3)
+    norm = ActNorm(3)
     norm.inverse_and_log_det(torch.randn(64, 3) * 10.0 + 4.0)
-    fresh = VectorActNorm(3)
+    fresh = ActNorm(3)
     fresh.load_state_dict(norm.state_dict())
     assert bool(fresh.initialised)
     fresh.train()
@@ -141,8 +139,8 @@ def test_state_dict_round_trip_keeps_it_initialised():
     assert torch.equal(fresh.loc, norm.loc) and torch.equal(fresh.log_scale, norm.log_scale)
 
 
-def _perturbed(dim: int) -> VectorActNorm:
-    norm = vector_actnorm(dim).double().eval()
+def _perturbed(dim: int) -> ActNorm:
+    norm = make_actnorm(dim).double().eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         norm.loc.copy_(torch.randn(dim, generator=generator, dtype=torch.float64))
@@ -163,7 +161,7 @@ def test_round_trip_and_log_det_against_the_autograd_jacobian():
 
 def test_density_in_pyro_and_gradients():
     """As the data-side layer of a TransformedDistribution: log_prob initialises it, and training reaches it."""
-    flow = FlowStack([*maf(3, [16], 2).parts, VectorActNorm(3)])
+    flow = maf(3, [16], 2, actnorm=True)
     base = dist.Normal(torch.zeros(3), 1.0).to_event(1)
     model = dist.TransformedDistribution(base, [flow])
     x = torch.randn(64, 3) * 1e3
@@ -177,17 +175,17 @@ def test_density_in_pyro_and_gradients():
 
 def test_bad_arguments_and_inputs():
     with pytest.raises(ValueError, match="input_dim: expected a positive int, got 0"):
-        VectorActNorm(0)
+        ActNorm(0)
     with pytest.raises(ValueError, match="input_dim: expected a positive int, got True"):
-        vector_actnorm(True)  # type: ignore[arg-type]
+        make_actnorm(True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="eps: expected a positive number, got 0.0"):
-        VectorActNorm(3, eps=0.0)
+        ActNorm(3, eps=0.0)
     with pytest.raises(ValueError, match="eps: expected a positive number, got 'small'"):
-        VectorActNorm(3, eps="small")  # type: ignore[arg-type]
+        ActNorm(3, eps="small")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cache_size"):
-        VectorActNorm(3, cache_size=2)
+        ActNorm(3, cache_size=2)
     with pytest.raises(ValueError, match="3"):
-        VectorActNorm(3)(torch.randn(4, 5))
+        ActNorm(3)(torch.randn(4, 5))
 
 
 def test_benchmark_smoke():

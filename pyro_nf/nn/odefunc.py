@@ -47,20 +47,26 @@ def check_activation(activation: str) -> None:
 def time_and_context(t: Tensor, like: Tensor, context: Tensor | None, context_dim: int, who: str) -> Tensor:
     """The input ``h = [t, c]`` of the time gates and shifts: ``(1,)``, or ``(..., 1 + C)`` with a context.
 
-    ``t`` goes to the dtype and device of ``like``; a context of ``context_dim > 0`` features is
-    required (``who`` names the caller in the error) and its batch shape is kept.
+    ``t`` is one time for the whole batch (a single number, as an ODE solver passes it) or a
+    time per sample of batch shape ``(...)`` (flow matching evaluates the field at a time per
+    sample), which gives ``h`` of shape ``(..., 1 [+ C])``. ``t`` goes to the dtype and device of
+    ``like``; a context of ``context_dim > 0`` features is required (``who`` names the caller in
+    the error) and its batch shape broadcasts against the times'.
 
     Example::
 
         >>> time_and_context(torch.tensor(0.5), torch.zeros(3), torch.ones(4, 2), 2, "net").shape
         torch.Size([4, 3])
+        >>> time_and_context(torch.rand(4), torch.zeros(3), None, 0, "net").shape
+        torch.Size([4, 1])
     """
-    h = t.reshape(1).to(like)
+    h = t.reshape(1).to(like) if t.numel() == 1 else t.to(like)[..., None]
     if not context_dim:
         return h
     if context is None:
         raise ValueError(f"{who}: expected a context of size {context_dim}, got None")
-    return torch.cat([h.expand(*context.shape[:-1], 1), context], -1)
+    batch = torch.broadcast_shapes(h.shape[:-1], context.shape[:-1])
+    return torch.cat([h.expand(*batch, 1), context.expand(*batch, context_dim)], -1)
 
 
 class ConcatSquashLinear(nn.Module):
@@ -116,7 +122,9 @@ class ODENet(nn.Module):
     weights, ``(W x + b) ⊙ g + s = (g ⊙ W) x + (b ⊙ g + s)``, at the cost of
     operations on the weights only: over the batch, an evaluation (and its
     backward passes) costs what a plain MLP of the same widths costs. The
-    parameters are those of the :class:`ConcatSquashLinear` layers.
+    parameters are those of the :class:`ConcatSquashLinear` layers. A time per
+    sample (``t`` of the batch shape, as flow matching evaluates the field) gives
+    a gate and a shift per sample, like a context does.
 
     Args:
         input_dim: the event size D.

@@ -82,8 +82,11 @@ class TrainConfig:
     - ``log_every``: steps between lines of ``history.csv``.
     - ``num_samples``: samples drawn for figures.
     - ``progress``: show a progress bar.
+    - ``actnorm``: an ActNorm first on the data side of MAF / IAF / RealNVP (False: the data are
+      standardised already; None for the other flows).
     - ``config_version``: the layout of this record (2: ``levels`` counts squeezes in every image flow;
-      in version 1 ``levels`` of ``realnvp-multiscale`` counted scales, one more).
+      in version 1 ``levels`` of ``realnvp-multiscale`` counted scales, one more, and the vector flows had
+      no ActNorm).
     """
 
     flow: str
@@ -113,6 +116,7 @@ class TrainConfig:
     log_every: int = 10
     num_samples: int = 2000
     progress: bool = True
+    actnorm: bool | None = None
     config_version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +133,8 @@ class TrainConfig:
         if values.setdefault("config_version", 1) == 1:
             if values.get("flow") == "realnvp-multiscale" and values.get("levels") is not None:
                 values["levels"] -= 1  # version 1 counted scales: one more than squeezes
+            if values.get("flow") in ("maf", "iaf", "realnvp"):
+                values["actnorm"] = False  # version 1 built them without an ActNorm
             values["config_version"] = CONFIG_VERSION
         return cls(**values)
 
@@ -199,6 +205,8 @@ def _defaults(flow: str, kind: DataKind, data: str) -> dict[str, Any]:
         out.update(steps=5000, hidden=None, num_transforms=6 if flow == "realnvp" else 5)
         if kind == "image":
             out.update(batch_size=128, lr=1e-4, warmup_steps=100, num_samples=64)
+    if flow in ("maf", "iaf", "realnvp"):
+        out.update(actnorm=False)  # the data are standardised already (Standardize): no ActNorm needed
     if kind == "toy":
         out.update(n_train=20000, n_val=5000, n_test=5000)
     return out

@@ -20,7 +20,9 @@ def build_model(config: TrainConfig, data: PreparedData) -> FlowModel:
     spec = FLOWS[config.flow]
     if spec.kind == "vector":
         dim = math.prod(data.event_shape)
-        return FlowModel(spec.build(dim, hidden_dims=config.hidden, num_transforms=config.num_transforms), (dim,))
+        options = {} if config.actnorm is None else {"actnorm": config.actnorm}
+        flow = spec.build(dim, hidden_dims=config.hidden, num_transforms=config.num_transforms, **options)
+        return FlowModel(flow, (dim,))
     if data.kind != "image":
         raise ConfigError(
             f"--flow {config.flow} models images of shape (C, H, W), but the data are vectors of "

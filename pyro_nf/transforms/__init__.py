@@ -10,6 +10,8 @@
 - :mod:`~pyro_nf.transforms.normalization`: batch normalization (vectors) and ActNorm (images);
 - :mod:`~pyro_nf.transforms.conditional_prior`: a class-conditional prior for any flow;
 - :mod:`~pyro_nf.transforms.continuous` and :mod:`~pyro_nf.transforms.ode`: FFJORD and its solves;
+  :mod:`~pyro_nf.transforms.continuous_multiscale`: the multiscale image CNF;
+- :mod:`~pyro_nf.transforms.flow_matching`: training FFJORD's fields by flow matching;
 - :mod:`~pyro_nf.transforms.sylvester`: Householder Sylvester flows;
 - :mod:`~pyro_nf.transforms.preprocess`: dequantization and the logit transform.
 """
@@ -40,8 +42,8 @@ from pyro_nf.transforms.continuous import (
     ConditionedFFJORD,
     conditional_ffjord,
     ffjord,
-    ffjord_multiscale,
 )
+from pyro_nf.transforms.continuous_multiscale import ffjord_multiscale
 from pyro_nf.transforms.coupling import (
     AffineCoupling,
     ConditionalAffineCoupling,
@@ -55,6 +57,7 @@ from pyro_nf.transforms.coupling import (
     realnvp,
 )
 from pyro_nf.transforms.elementwise import AdditiveMap, AffineMap, ElementwiseMap
+from pyro_nf.transforms.flow_matching import BlockSegment, block_segments, flow_matching_loss, ot_pairing
 from pyro_nf.transforms.glow import GlowStep, InvertibleConv1x1, conditional_glow, glow, glow_step, invertible_conv1x1
 from pyro_nf.transforms.image_coupling import ImageCoupling, image_coupling, prior_coupling
 from pyro_nf.transforms.multiscale import FactorOut, Squeeze, factor_out, realnvp_multiscale, squeeze
@@ -80,6 +83,7 @@ __all__ = [
     "AffineMap",
     "Autoregressive",
     "BatchNorm",
+    "BlockSegment",
     "ConditionalAffineAutoregressive",
     "ConditionalAffineCoupling",
     "ConditionalAutoregressive",
@@ -114,6 +118,7 @@ __all__ = [
     "affine_autoregressive",
     "affine_coupling",
     "batch_norm",
+    "block_segments",
     "conditional_ffjord",
     "conditional_glow",
     "conditional_iaf",
@@ -127,6 +132,7 @@ __all__ = [
     "factor_out",
     "ffjord",
     "ffjord_multiscale",
+    "flow_matching_loss",
     "glow",
     "glow_step",
     "iaf",
@@ -134,6 +140,7 @@ __all__ = [
     "invertible_conv1x1",
     "logit",
     "maf",
+    "ot_pairing",
     "prior_coupling",
     "realnvp",
     "realnvp_multiscale",

@@ -40,7 +40,7 @@ from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule
 from pyro_nf.nn.made import MADE, Order, Permutation, SequentialMethod, check_sequential_method, stack_orders
 from pyro_nf.nn.nets import default_hidden_dims
 from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, AffineOptions, ElementwiseMap, Scale, affine_map
-from pyro_nf.transforms.normalization import BatchNorm
+from pyro_nf.transforms.normalization import ActNorm, BatchNorm
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -265,12 +265,14 @@ def autoregressive_stack(
     activation: Callable[[], nn.Module] = nn.ReLU,
     seed: int = 0,
     sequential: SequentialMethod = "incremental",
+    actnorm: bool = False,
 ) -> list[nn.Module]:
     """The layers of an autoregressive flow with any element-wise map (MAF, IAF and the spline flows).
 
     The permutation between layers is folded into each MADE's input order (``"reversed"``
     alternates natural and reversed orders, ``"random"`` draws orders from ``seed``), which
-    is the same model without a gather.
+    is the same model without a gather. With ``actnorm`` an
+    :class:`~pyro_nf.transforms.normalization.ActNorm` is the last part (the first data meet).
     """
     check_positive_int(input_dim, "input_dim")
     check_positive_int(num_transforms, "num_transforms")
@@ -287,6 +289,8 @@ def autoregressive_stack(
             parts.append(ConditionalAutoregressive(made, elementwise, parallel, sequential))
         else:
             parts.append(Autoregressive(made, elementwise, parallel, sequential=sequential))
+    if actnorm:
+        parts.append(ActNorm(input_dim))
     return parts
 
 
@@ -299,6 +303,7 @@ class AutoregressiveOptions(TypedDict, total=False):
     activation: Callable[[], nn.Module]
     seed: int
     sequential: SequentialMethod
+    actnorm: bool
 
 
 class AffineAutoregressiveOptions(AutoregressiveOptions, AffineOptions, total=False):
@@ -347,6 +352,11 @@ def maf(
         sequential: how sampling (the sequential direction) is computed: ``"incremental"``
             (default; one network pass of work plus ``D`` small steps, see
             :meth:`pyro_nf.nn.MADE.sequential`) or ``"reference"`` (``D`` full MADE passes).
+        actnorm: an :class:`~pyro_nf.transforms.normalization.ActNorm` first on the data side,
+            initialised from the first training batch (default False): the flow then learns at the
+            same scale whatever the units of the data, and keeps float32 precision in both
+            directions (``docs/families/precision.md``). Use it to fit data that are not
+            standardised.
 
     Example::
 

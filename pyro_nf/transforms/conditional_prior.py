@@ -3,7 +3,7 @@
 ``z = mu(c) + exp(alpha(c)) ⊙ eps`` with ``eps`` standard Normal makes the base
 ``N(mu(c), exp(2 alpha(c)))``: one mean and log-scale per element of the event, from a
 zero-initialised linear map of the context ``c`` (a one-hot class label in the Glow paper,
-any vector here). Placed first in a :class:`~pyro_nf.core.ConditionalFlowStack` (base to
+any vector here). Placed first in a :class:`~pyro_nf.conditional.ConditionalFlowStack` (base to
 data), it conditions an unconditional flow, image or vector:
 :func:`~pyro_nf.transforms.glow.conditional_glow` is Glow over this prior.
 
@@ -121,7 +121,7 @@ def conditional_latent_affine(
 
     Example::
 
-        >>> from pyro_nf.core import ConditionalFlowStack
+        >>> from pyro_nf.conditional import ConditionalFlowStack
         >>> from pyro_nf.transforms import maf
         >>> flow = ConditionalFlowStack([conditional_latent_affine((2,), 3), maf(2, [8], 1)])
         >>> flow.condition(torch.randn(3))(torch.randn(4, 2)).shape

@@ -39,7 +39,7 @@ from pyro_nf.conditional import ConditionalFlowStack, ConditionalFlowTransformMo
 from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule
 from pyro_nf.nn.nets import MLP, default_hidden_dims
 from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, AffineOptions, ElementwiseMap, Scale, affine_map
-from pyro_nf.transforms.normalization import BatchNorm
+from pyro_nf.transforms.normalization import ActNorm, BatchNorm
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -308,8 +308,12 @@ def coupling_stack(
     mask: Mask = "half",
     batch_norm: bool = False,
     activation: Callable[[], nn.Module] = nn.ReLU,
+    actnorm: bool = False,
 ) -> list[nn.Module]:
-    """The layers of a vector coupling flow with any element-wise map (used by :func:`realnvp` and the spline flows)."""
+    """The layers of a vector coupling flow with any element-wise map (used by :func:`realnvp` and the spline flows).
+
+    With ``actnorm`` an :class:`~pyro_nf.transforms.normalization.ActNorm` is the last part (the first data meet).
+    """
     check_positive_int(input_dim, "input_dim")
     check_positive_int(num_transforms, "num_transforms")
     if context_dim:
@@ -327,6 +331,8 @@ def coupling_stack(
             parts.append(ConditionalCoupling(net, split, elementwise, context_dim))
         else:
             parts.append(Coupling(net, split, elementwise))
+    if actnorm:
+        parts.append(ActNorm(input_dim))
     return parts
 
 
@@ -336,6 +342,7 @@ class CouplingOptions(TypedDict, total=False):
     mask: Mask
     batch_norm: bool
     activation: Callable[[], nn.Module]
+    actnorm: bool
 
 
 class AffineCouplingOptions(CouplingOptions, AffineOptions, total=False):
@@ -374,6 +381,8 @@ def realnvp(
         activation: the networks' nonlinearity class (default ``nn.ReLU``).
         scale: ``"softclamp"`` (default) or ``"gate"``.
         log_scale_bound: bound of the soft clamp on the log-scale (default 3).
+        actnorm: an :class:`~pyro_nf.transforms.normalization.ActNorm` first on the data side,
+            initialised from the first training batch (default False; see :func:`~pyro_nf.transforms.maf`).
 
     Example::
 

@@ -23,7 +23,7 @@ prior, and the final block:
   prior at each factor-out, and no final block (the last level keeps its channels);
 - :func:`realnvp_multiscale`: 3 checkerboard couplings before each squeeze, 3 channel
   couplings after it, and a final block of 4 checkerboard couplings;
-- :func:`~pyro_nf.transforms.continuous.ffjord_multiscale`: CNF blocks before and after each
+- :func:`~pyro_nf.transforms.continuous_multiscale.ffjord_multiscale`: CNF blocks before and after each
   squeeze, and a final block of CNF blocks.
 
 Dinh et al., "Density estimation using Real NVP", ICLR 2017;

@@ -89,21 +89,29 @@ def batch_norm(input_dim: int, momentum: float = 0.1, eps: float = 1e-5) -> Batc
 
 
 class ActNorm(FlowTransformModule):
-    """Per-channel affine map with data-dependent initialisation (Glow's activation normalisation).
+    """Per-channel (images) or per-feature (vectors) affine map with data-dependent initialisation.
 
-    Forward (base to data): ``y = x * exp(s_c) + b_c`` for channel ``c``, so
-    ``log|det| = H W sum_c s_c``. The first time the inverse (data to noise)
-    runs in training mode on a module that is not yet initialised, ``b`` and
-    ``s`` are set from that batch so that its output has zero mean and unit
-    variance per channel (over every batch and spatial position): ``b`` is the
-    channel mean and ``s`` the log of the channel standard deviation, or 0 for
-    a channel whose standard deviation is below ``eps`` (a constant channel is
-    only centred, never divided by zero). The ``initialised`` flag is a buffer,
-    so a model loaded from a ``state_dict`` is not initialised again.
-    Evaluation mode and the forward direction never initialise.
+    Glow's activation normalisation, for images ``(C, H, W)`` (one ``b_c, s_c`` per channel)
+    and for vectors ``(D,)`` (one per feature). Forward (base to data): ``y = x exp(s) + b``,
+    so ``log|det| = H W sum_c s_c`` for images and ``sum_i s_i`` for vectors. The first time
+    the inverse (data to noise) runs in training mode on a module that is not yet
+    initialised, ``b`` and ``s`` are set from that batch so that its output has zero mean
+    and unit variance per channel (over every batch and spatial position): ``b`` is the
+    mean and ``s`` the log of the standard deviation, or 0 where the standard deviation is
+    below ``eps`` (a constant channel is only centred, never divided by zero). The
+    statistics are computed in float64. A batch of vectors with fewer than two samples
+    (an SVI guide's single latent draw) is not used: the layer stays the identity until a
+    real batch comes. The ``initialised`` flag is a buffer, so a model loaded from a
+    ``state_dict`` is not initialised again. Evaluation mode and the forward direction never
+    initialise; afterwards ``b`` and ``s`` are ordinary parameters.
+
+    Placed first on the data side of a vector flow (the ``actnorm=True`` of :func:`maf` and
+    :func:`realnvp`), it lets the flow learn at the scale it was initialised for whatever
+    the units of the data: after training on ``N(0, 1) * 1e4`` the float32 round trip of
+    MAF and IAF stays at the data's rounding (``docs/families/precision.md``).
 
     Args:
-        input_shape: the image shape ``(C, H, W)``.
+        input_shape: the image shape ``(C, H, W)``, or a vector event ``(D,)`` (or ``D``).
         eps: smallest standard deviation that is normalised.
 
     Example::
@@ -112,22 +120,33 @@ class ActNorm(FlowTransformModule):
         >>> z, log_det = norm.inverse_and_log_det(3.0 + 2.0 * torch.randn(64, 2, 4, 4))
         >>> bool(norm.initialised), abs(z.mean().item()) < 1e-6, round(z.std(correction=0).item(), 4)
         (True, True, 1.0)
+        >>> vector = ActNorm(3)
+        >>> z, _ = vector.inverse_and_log_det(torch.tensor([1e4, 1.0, 5.0]) * torch.randn(256, 3))
+        >>> [round(v, 4) for v in z.std(0, correction=0).tolist()]
+        [1.0, 1.0, 1.0]
     """
 
-    domain = constraints.independent(constraints.real, 3)
-    codomain = constraints.independent(constraints.real, 3)
     parallel = "both"
     initialised: Tensor
 
-    def __init__(self, input_shape: Sequence[int], eps: float = 1e-6, cache_size: int = 1) -> None:
+    def __init__(self, input_shape: int | Sequence[int], eps: float = 1e-6, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
-        shape = check_image_shape(input_shape)
-        if not eps > 0:
+        vector = isinstance(input_shape, int) or (isinstance(input_shape, Sequence) and len(input_shape) == 1)
+        if vector:
+            dim = input_shape if isinstance(input_shape, int) else input_shape[0]  # type: ignore[index]
+            shape: tuple[int, ...] = (check_positive_int(dim, "input_dim"),)
+            parameter_shape: tuple[int, ...] = shape
+        else:
+            shape = check_image_shape(input_shape)
+            parameter_shape = (shape[0], 1, 1)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"eps: expected a positive number, got {eps!r}")
         self.input_shape = shape
-        self.eps = eps
-        self.loc = nn.Parameter(torch.zeros(shape[0], 1, 1))
-        self.log_scale = nn.Parameter(torch.zeros(shape[0], 1, 1))
+        self.event_dims = len(shape)
+        self.domain = self.codomain = constraints.independent(constraints.real, self.event_dims)
+        self.eps = float(eps)
+        self.loc = nn.Parameter(torch.zeros(parameter_shape))
+        self.log_scale = nn.Parameter(torch.zeros(parameter_shape))
         self.register_buffer("initialised", torch.tensor(False))
         self._checked = False  # skips reading the flag (a device sync) once it is known to be set
 
@@ -137,31 +156,41 @@ class ActNorm(FlowTransformModule):
 
     @torch.no_grad()
     def initialise(self, y: Tensor) -> None:
-        """Set ``b`` and ``s`` from the data-side batch ``y`` (shape ``(..., C, H, W)``) and mark initialised."""
-        flat = y.detach().movedim(-3, 0).reshape(y.shape[-3], -1)
-        mean = flat.mean(1)
-        std = flat.var(1, correction=0).sqrt()
+        """Set ``b`` and ``s`` from the data-side batch ``y`` (``(..., C, H, W)`` or ``(..., D)``), mark initialised."""
+        channels = self.loc.shape[0]
+        flat = y.detach().movedim(-self.event_dims, 0).reshape(channels, -1)
+        wide = flat.double() if flat.dtype in (torch.float16, torch.bfloat16, torch.float32) else flat
+        var, mean = torch.var_mean(wide, dim=1, correction=0)
+        std = var.sqrt()
         log_std = torch.where(std > self.eps, std.clamp_min(self.eps).log(), torch.zeros_like(std))
-        self.loc.copy_(mean.reshape(-1, 1, 1))
-        self.log_scale.copy_(log_std.reshape(-1, 1, 1))
+        self.loc.copy_(mean.reshape(self.loc.shape))
+        self.log_scale.copy_(log_std.reshape(self.loc.shape))
         self.initialised.fill_(True)
         self._checked = True
 
     def _log_det(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        return (h * w * self.log_scale.sum()).expand(x.shape[:-3])
+        batch = x.shape[: x.dim() - self.event_dims]
+        per_channel = x.shape[-2] * x.shape[-1] if self.event_dims == 3 else 1
+        return (per_channel * self.log_scale.sum()).expand(batch)
 
     def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x * self.log_scale.exp() + self.loc, self._log_det(x)
 
     def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.training and not self._checked:
-            if not bool(self.initialised):
+            enough = self.event_dims == 3 or y.numel() >= 2 * y.shape[-1]
+            if enough and not bool(self.initialised):
                 self.initialise(y)
-            self._checked = True
+            self._checked = enough or bool(self.initialised)
         return (y - self.loc) * (-self.log_scale).exp(), self._log_det(y)
 
 
-def actnorm(input_shape: Sequence[int], eps: float = 1e-6) -> ActNorm:
-    """An :class:`ActNorm` over images of shape ``input_shape``."""
+def actnorm(input_shape: int | Sequence[int], eps: float = 1e-6) -> ActNorm:
+    """An :class:`ActNorm` over images of shape ``input_shape`` ``(C, H, W)``, or vectors of size ``D``.
+
+    Example::
+
+        >>> actnorm(4).log_scale.shape, actnorm((3, 8, 8)).log_scale.shape
+        (torch.Size([4]), torch.Size([3, 1, 1]))
+    """
     return ActNorm(input_shape, eps)
