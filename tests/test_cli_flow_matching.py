@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pyro_nf.checkpoint import load_checkpoint
 from pyro_nf.cli import EXIT_USAGE
-from tests.test_cli import IMAGE, TOY, digits_file, history, run  # noqa: F401 (digits_file is a fixture)
+from tests.test_cli import IMAGE, TOY, _one_thread, digits_file, history, run  # noqa: F401 (fixtures)
 
 FM = ["--objective", "flow-matching"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_vector_cnf_by_flow_matching_learns_and_reports_its_solves(

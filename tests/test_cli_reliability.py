@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +27,9 @@ import torch
 
 from pyro_nf.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pyro_nf.cli import EXIT_USAGE
-from tests.test_cli import TOY, VECTOR, history, run, subprocess_env
+from tests.test_cli import TOY, VECTOR, _one_thread, history, run, subprocess_env  # noqa: F401 (a fixture)
 
 COMMON = ["train", "--data", "8gaussians", *TOY, *VECTOR, "--log-every", 1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def start(argv: list[object], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -102,6 +94,28 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupte
     assert [row["loss"] for row in history(part)] == [row["loss"] for row in history(whole)]
     a, b = load_checkpoint(whole / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
     assert all(torch.equal(a.model[key], b.model[key]) for key in a.model)
+
+
+def test_a_second_signal_stops_at_once_keeping_the_last_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run([*COMMON, "--steps", 2, "--out", tmp_path], capsys)[0] == 0
+    env = {**subprocess_env(), "PYRO_NF_TEST_SLEEP_BEFORE_RENAME": "60"}  # every save waits before its rename
+    process = start(["train", "--resume", "--out", tmp_path, "--steps", 100000, "--checkpoint-every", 100000], env)
+    try:
+        wait_for(process, lambda: len(logged_steps(tmp_path)) >= 5, "five steps")
+        process.send_signal(signal.SIGTERM)  # the run saves a checkpoint at the current step ...
+        wait_for(process, lambda: bool(list(tmp_path.glob(".checkpoint.pt.*.tmp"))), "the save")
+        process.send_signal(signal.SIGTERM)  # ... and the second signal does not wait for it
+        _, err = process.communicate(timeout=60)
+    finally:
+        stop(process)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert err.decode() == (
+        "pyro-nf: stopped at once by a second SIGTERM; the checkpoint at step 2 is kept in "
+        f"{tmp_path / 'checkpoint.pt'}; continue with: pyro-nf train --resume --out {tmp_path}\n"
+    )
+    assert load_checkpoint(tmp_path / "checkpoint.pt").step == 2 and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_a_second_run_in_the_same_folder_is_refused_naming_the_holder(

@@ -16,6 +16,7 @@ one. :func:`remove_stale_temporaries` clears them when a run starts or resumes.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import re
 import signal
@@ -88,12 +89,16 @@ def stopped_message(what: str, out: Path, last_saved: int | None, resume: bool) 
     return f"{what}; {kept}; continue with: pyro-nf train --resume --out {out}"
 
 
+_WRITE_ERRORS = {getattr(errno, name, None) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")} - {None}
+
+
 def stopped_error(error: TrainingInterrupted | OSError, out: Path, last_saved: int | None, resume: bool) -> Exception:
     """The error a run stopped by a signal or a failed write (a full disk, a folder gone) raises: one line."""
     if isinstance(error, TrainingInterrupted):
         return TrainingInterrupted(stopped_message(str(error), out, last_saved, resume), error.signum)
     where = f" {error.filename}" if error.filename else ""
-    what = f"cannot write{where} ({error.strerror or error}); training stopped"
+    verb = "cannot write" if error.errno in _WRITE_ERRORS else "cannot use"
+    what = f"{verb}{where} ({error.strerror or error}); training stopped"
     return RunFolderError(stopped_message(what, out, last_saved, resume))
 
 
