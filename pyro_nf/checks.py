@@ -19,12 +19,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_activation_class",
     "check_choice",
     "check_context",
     "check_image_shape",
     "check_non_negative_int",
     "check_options",
     "check_positive_int",
+    "check_positive_ints",
     "check_tensor",
     "set_validation",
     "validation",
@@ -149,6 +151,40 @@ def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return value
+
+
+def check_positive_ints(values: object, name: str) -> list[int]:
+    """``values`` as a list if it is a non-empty sequence of ints >= 1 (not bools); else a ``ValueError``.
+
+    Example::
+
+        >>> check_positive_ints([64, True], "hidden_dims")
+        Traceback (most recent call last):
+        ...
+        ValueError: hidden_dims: expected a non-empty list of positive ints, got [64, True]
+    """
+    items = list(values) if isinstance(values, (list, tuple, torch.Size)) else None
+    if not items or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items):
+        raise ValueError(f"{name}: expected a non-empty list of positive ints, got {values!r}")
+    return items
+
+
+def check_activation_class(activation: object, name: str = "activation") -> None:
+    """A ``TypeError`` unless ``activation`` makes a fresh module when called, such as ``torch.nn.ReLU``.
+
+    Example::
+
+        >>> check_activation_class("relu")
+        Traceback (most recent call last):
+        ...
+        TypeError: activation: expected a module class such as torch.nn.ReLU (one per layer), got the string 'relu'
+    """
+    expected = f"{name}: expected a module class such as torch.nn.ReLU (one per layer), got"
+    if isinstance(activation, str):
+        raise TypeError(f"{expected} the string {activation!r}")
+    if isinstance(activation, torch.nn.Module) or not callable(activation):
+        instance = "an instance of " if isinstance(activation, torch.nn.Module) else ""
+        raise TypeError(f"{expected} {instance}{type(activation).__name__}")
 
 
 def check_non_negative_int(value: object, name: str) -> int:

@@ -11,8 +11,11 @@
 The parser turns the arguments into plain typed values (a :class:`TrainArgs`,
 :class:`EvaluateArgs`, :class:`SampleArgs` or :class:`ListArgs`); nothing
 below this module sees :mod:`argparse`. Exit codes: 0 on success, 2 for bad
-input (an unknown flow or dataset, a file that cannot be used, a corrupted
-checkpoint, a bad option), 3 when training stopped on a NaN or infinite loss.
+input (an unknown flow or dataset, a file or folder that cannot be used or
+written, a corrupted checkpoint, a bad option), 3 when training stopped on a
+NaN or infinite loss, ``128 + N`` when signal N stopped it (130 for SIGINT,
+143 for SIGTERM; a checkpoint is saved first). Every error is one line
+``pyro-nf: error: ...``, never a traceback.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class TrainArgs:
     options: dict[str, Any]
     resume: bool = False
     overwrite: bool = False
+    allow_new_data: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,11 +122,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument("--out", help="output folder (default runs/DATA-FLOW)")
     what.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    what.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
+    what.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh there")
+    what.add_argument(
+        "--allow-new-data", action="store_true", help="with --resume: continue on data that changed since the run began"
+    )
     length = what.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps in total")
     length.add_argument("--epochs", type=int, help="passes over the training set (instead of --steps)")
     optim = train.add_argument_group("optimization")
+    optim.add_argument(
+        "--objective", choices=["likelihood", "flow-matching"], help="likelihood (default) or, for CNFs, flow-matching"
+    )
+    optim.add_argument("--fm-path", choices=["linear", "cosine"], help="flow matching: the path (default linear)")
+    optim.add_argument("--fm-coupling", choices=["independent", "ot"], help="flow matching: noise-data pairs")
+    optim.add_argument("--fm-sigma-min", type=float, help="flow matching: the linear path's end width (default 0)")
     optim.add_argument("--batch-size", type=int)
     optim.add_argument("--lr", type=float, help="learning rate after warm-up")
     optim.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
@@ -172,7 +185,7 @@ def _build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = (
     "flow data out steps epochs batch_size lr warmup_steps grad_clip seed device hidden num_transforms levels depth "
     "hidden_channels coupling n_levels data_dir n_train n_val n_test val_every checkpoint_every log_every num_samples "
-    "progress"
+    "progress objective fm_path fm_coupling fm_sigma_min"
 ).split()
 
 
@@ -189,20 +202,30 @@ def parse_args(argv: Sequence[str] | None = None) -> Command:
     namespace = _build_parser().parse_args(argv)
     if namespace.command == "train":
         options = {key: getattr(namespace, key) for key in _TRAIN_KEYS}
-        return TrainArgs(options, resume=namespace.resume, overwrite=namespace.overwrite)
+        return TrainArgs(
+            options, resume=namespace.resume, overwrite=namespace.overwrite, allow_new_data=namespace.allow_new_data
+        )
     record = {"evaluate": EvaluateArgs, "sample": SampleArgs, "list": ListArgs}[namespace.command]
     return record(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(record)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pyro-nf`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    from pyro_nf.checkpoint import CheckpointError
-    from pyro_nf.training import NonFiniteLossError
-
     try:
         command = parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code) if isinstance(exit_.code, int) else EXIT_USAGE
+    try:
+        return _run(command)
+    except KeyboardInterrupt:  # Ctrl+C outside training (training saves and stops on its own)
+        print("pyro-nf: interrupted", file=sys.stderr)
+        return 128 + 2
+
+
+def _run(command: Command) -> int:
+    """Run one command; every error becomes one line on stderr and an exit code."""
+    from pyro_nf.training import NonFiniteLossError, TrainingInterrupted
+
     try:
         if isinstance(command, TrainArgs):
             return _train(command)
@@ -214,30 +237,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"pyro-nf: error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (ValueError, TypeError, CheckpointError) as error:
+    except TrainingInterrupted as error:
+        print(f"pyro-nf: {error}", file=sys.stderr)
+        return 128 + error.signum
+    except (ValueError, TypeError) as error:
         # Bad input (ConfigError, DataFileError, CheckpointError are ValueErrors) gets its message and code 2.
         print(f"pyro-nf: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:  # a file or folder that cannot be read or written
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"pyro-nf: error: {where}{error.strerror or error}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def _train(command: TrainArgs) -> int:
     from pathlib import Path
 
-    from pyro_nf.checkpoint import load_checkpoint
-    from pyro_nf.training import ConfigError, merge_resume, resolve_config, train
+    from pyro_nf.checkpoint import CheckpointError, load_latest_checkpoint
+    from pyro_nf.training import ConfigError, TrainConfig, merge_resume, resolve_config, train
 
     options = dict(command.options)
+    if command.resume and command.overwrite:
+        raise ConfigError("give --resume or --overwrite, not both")
+    if command.allow_new_data and not command.resume:
+        raise ConfigError("--allow-new-data applies to --resume")
     if command.resume:
         if options.get("out") is None:
             raise ConfigError("--resume needs --out, the folder of the run to continue")
-        saved = load_checkpoint(Path(options["out"]) / "checkpoint.pt")
+        out = Path(options["out"])
+        try:
+            saved = load_latest_checkpoint(out).checkpoint  # read only; the run sets a damaged file aside
+        except CheckpointError as error:
+            if (out / "config.json").is_file() and not any(out.glob("checkpoint*.pt")):
+                raise ConfigError(
+                    f"{out} holds a run that stopped before its first checkpoint, so there is nothing to resume; "
+                    f"start it again with --overwrite"
+                ) from None
+            raise error from None
+        try:
+            TrainConfig.from_dict(saved.config)
+        except ConfigError as error:
+            raise ConfigError(f"{out / 'checkpoint.pt'}: {error}") from None
         config = merge_resume(saved.config, options)
         config.out = options["out"]
     else:
         config = resolve_config(options)
-    if command.resume and command.overwrite:
-        raise ConfigError("give --resume or --overwrite, not both")
-    train(config, resume=command.resume, overwrite=command.overwrite)
+    train(config, resume=command.resume, overwrite=command.overwrite, allow_new_data=command.allow_new_data)
     return 0
 
 
@@ -252,7 +297,8 @@ def _evaluate(command: EvaluateArgs) -> int:
     else:
         unit = "bits/dim" if result["metric"] == "bpd" else "nats per sample"
         name = "bits/dim" if result["metric"] == "bpd" else "NLL"
-        print(f"{name} on {result['data']} ({result['samples']} samples): {result['value']:.4f} {unit}")
+        solves = f" (NFE {result['nfe']:.0f} per batch)" if "nfe" in result else ""
+        print(f"{name} on {result['data']} ({result['samples']} samples): {result['value']:.4f} {unit}{solves}")
     return 0
 
 

@@ -4,7 +4,9 @@ Every entry is a :class:`FlowSpec`: the kind of data it models (vectors or image
 one-line summary, and how to build it. Vector flows are built with
 ``spec.build(input_dim, hidden_dims=..., num_transforms=..., context_dim=..., **options)``
 (a conditional flow when ``context_dim > 0``); image flows with
-``spec.build(input_shape, levels=..., hidden_channels=..., depth=..., coupling=...)``. A new
+``spec.build(input_shape, levels=..., hidden_channels=..., depth=..., coupling=...)`` (for
+``ffjord-multiscale``, ``depth`` is the number of CNF blocks before and after each squeeze and
+``coupling`` does not apply). A new
 family plugs in with one :class:`FlowSpec` in :data:`FLOWS`.
 
 Example::
@@ -13,7 +15,7 @@ Example::
     >>> FLOWS["maf"].build(3, hidden_dims=[8], num_transforms=2)(torch.randn(4, 3)).shape
     torch.Size([4, 3])
     >>> sorted(name for name, spec in FLOWS.items() if spec.kind == "image")
-    ['glow', 'realnvp-multiscale']
+    ['ffjord-multiscale', 'glow', 'realnvp-multiscale']
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pyro_nf.transforms import (
     conditional_maf,
     conditional_realnvp,
     ffjord,
+    ffjord_multiscale,
     glow,
     iaf,
     maf,
@@ -104,8 +107,14 @@ class FlowSpec:
         levels: int,
         hidden_channels: int,
         depth: int | None = None,
-        coupling: str = "affine",
+        coupling: str | None = "affine",
     ) -> Transform:
+        if self.name == "ffjord-multiscale":
+            if coupling not in (None, "affine"):
+                raise ValueError(f"coupling: {self.name} has no coupling layers, got coupling={coupling!r}")
+            return self.factory(  # type: ignore[no-any-return]
+                input_shape, levels=levels, blocks_per_scale=depth or 2, hidden_channels=hidden_channels
+            )
         if self.name == "glow":
             return self.factory(input_shape, levels, depth or 1, hidden_channels, coupling)  # type: ignore[no-any-return]
         return self.factory(  # type: ignore[no-any-return]
@@ -122,6 +131,7 @@ FLOWS: dict[str, FlowSpec] = {
         FlowSpec("ffjord", "vector", "continuous normalizing flow (FFJORD)", ffjord, conditional_ffjord, stacks=False),
         FlowSpec("glow", "image", "Glow (actnorm, 1x1 conv, coupling)", glow),
         FlowSpec("realnvp-multiscale", "image", "multiscale RealNVP for images", realnvp_multiscale),
+        FlowSpec("ffjord-multiscale", "image", "FFJORD's multiscale image CNF", ffjord_multiscale),
     )
 }
 """Every flow that can be built by name."""

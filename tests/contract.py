@@ -51,8 +51,9 @@ class Case:
 
     ``make(shape)`` builds the transform (or, with ``context_dim``, the
     conditional transform) for an event shape. ``vector`` cases take any
-    ``(D,)`` and also run the D = 1 and 2D-density checks. ``shape`` is the
-    event shape used by the other checks.
+    ``(D,)`` and also run the D = 1 and 2D-density checks (``min_dim = 2``: the
+    factory refuses D = 1, as a coupling flow with nothing to condition on does).
+    ``shape`` is the event shape used by the other checks.
     """
 
     name: str
@@ -60,6 +61,7 @@ class Case:
     shape: tuple[int, ...] = (5,)
     context_dim: int = 0
     vector: bool = True
+    min_dim: int = 1
     autoregressive: bool = False
     networks: bool = True  # False for transforms without a network (the one-pass check counts networks)
     # Network calls that make one pass, read from the transform after the pass (default: 1 call per network):
@@ -98,8 +100,12 @@ CASES: list[Case] = [
     Case("iaf-actnorm", lambda s: iaf(_d(s), [16], 2, actnorm=True), autoregressive=True),
     Case("maf-no-actnorm", lambda s: maf(_d(s), [16], 2, actnorm=False), autoregressive=True),
     Case("actnorm-vector", lambda s: actnorm(_d(s)), networks=False),
-    Case("realnvp", lambda s: realnvp(_d(s), [16, 16], 4)),
-    Case("realnvp-alternate-batchnorm", lambda s: realnvp(_d(s), [16], 4, mask="alternate", batch_norm=True)),
+    Case("realnvp", lambda s: realnvp(_d(s), [16, 16], 4), min_dim=2),
+    Case(
+        "realnvp-alternate-batchnorm",
+        lambda s: realnvp(_d(s), [16], 4, mask="alternate", batch_norm=True),
+        min_dim=2,
+    ),
     Case("batch_norm", lambda s: batch_norm(_d(s)), networks=False),
     Case("inverse-maf", lambda s: InverseTransformModule(maf(_d(s), [16], 2))),
     Case("conditional_maf", lambda s: conditional_maf(_d(s), CONTEXT_DIM, [16, 16], 3), context_dim=CONTEXT_DIM),

@@ -74,6 +74,10 @@ def test_log_det_matches_autograd_jacobian(case: Case) -> None:
 def test_input_dim_one(case: Case) -> None:
     if not case.vector:
         pytest.skip("not a vector transform")
+    if case.min_dim > 1:
+        with pytest.raises(ValueError, match="input_dim: a coupling flow splits its input in two"):
+            case.make((1,))
+        return
     _jacobian_check(case, (1,))
     inst = instantiate(case, (1,), batch=(4,))
     x = torch.randn(4, 1, dtype=torch.float64)

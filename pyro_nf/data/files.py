@@ -192,20 +192,21 @@ def _read_csv(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None]:
             value = _parse_number(cell)
             if value is None:
                 raise DataFileError(
-                    f"{path}, row {number}, column {_column_name(column, columns)}: expected a number, got {cell!r}"
+                    f"{path}, row {number}, column {column_label(column, columns)}: expected a number, got {cell!r}"
                 )
             values[index, column] = value
     bad = ~np.isfinite(values)
     if bad.any():
         index, column = (int(i) for i in np.argwhere(bad)[0])
         raise DataFileError(
-            f"{path}, row {rows[index][0]}, column {_column_name(column, columns)}: "
+            f"{path}, row {rows[index][0]}, column {column_label(column, columns)}: "
             f"expected a finite number, got {_describe(values[index, column])}; remove or fill in missing values"
         )
     return values, columns
 
 
-def _column_name(column: int, columns: tuple[str, ...] | None) -> str:
+def column_label(column: int, columns: tuple[str, ...] | None) -> str:
+    """How messages name a column: counted from 1, with its CSV header name when there is one."""
     return f"{column + 1} ({columns[column]!r})" if columns is not None else str(column + 1)
 
 
@@ -244,7 +245,7 @@ def as_vectors(data: FileData) -> dict[str, np.ndarray]:
         bad = ~np.isfinite(values)
         if bad.any():
             row, column = (int(i) for i in np.argwhere(bad)[0])
-            name = _column_name(column, data.columns)
+            name = column_label(column, data.columns)
             raise DataFileError(
                 f"{where}, row {row + 1}, column {name}: expected a finite number, got {_describe(values[row, column])}"
             )

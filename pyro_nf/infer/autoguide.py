@@ -45,6 +45,7 @@ from pyro.nn import PyroParam
 from torch import Tensor, nn
 from torch.distributions import Transform
 
+from pyro_nf.checks import check_positive_ints
 from pyro_nf.registry import flow_factory
 
 FlowName = Literal["iaf", "maf", "realnvp", "ffjord"]
@@ -96,9 +97,7 @@ class AutoFlow(AutoContinuous):
     ) -> None:
         self._flow_fn = flow_factory(flow)
         if hidden_dims is not None:
-            hidden_dims = list(hidden_dims)
-            if not hidden_dims or any(not isinstance(h, int) or h < 1 for h in hidden_dims):
-                raise ValueError(f"hidden_dims: expected a non-empty list of positive ints, got {hidden_dims!r}")
+            hidden_dims = check_positive_ints(hidden_dims, "hidden_dims")
         if num_transforms is not None and (not isinstance(num_transforms, int) or num_transforms < 1):
             raise ValueError(f"num_transforms: expected a positive int or None, got {num_transforms!r}")
         if not isinstance(init_scale, (int, float)) or not init_scale > 0:

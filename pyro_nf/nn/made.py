@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyro_nf.checks import check_choice
+from pyro_nf.checks import check_activation_class, check_choice, check_positive_int, check_positive_ints
 from pyro_nf.nn.incremental import IncrementalSequential, Structure
 from pyro_nf.nn.nets import activate
 
@@ -124,11 +124,9 @@ class MADE(IncrementalSequential):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        hidden_dims = list(hidden_dims)
-        if not isinstance(input_dim, int) or input_dim < 1:
-            raise ValueError(f"input_dim: expected a positive int, got {input_dim!r}")
-        if not hidden_dims or any(not isinstance(h, int) or h < 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims: expected a non-empty list of positive ints, got {hidden_dims!r}")
+        check_positive_int(input_dim, "input_dim")
+        hidden_dims = check_positive_ints(hidden_dims, "hidden_dims")
+        check_activation_class(activation)
         if residual and len(set(hidden_dims)) != 1:
             raise ValueError(f"hidden_dims: residual=True needs equal widths, got {hidden_dims}")
         if context_dim < 0:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from pyro_nf.checks import check_activation_class, check_positive_ints
+
 
 def default_hidden_dims(input_dim: int) -> list[int]:
     """The default widths of a vector flow's networks: two hidden layers of ``max(64, 4 D)`` units."""
@@ -51,9 +53,8 @@ class MLP(nn.Module):
         zero_init_output: bool = True,
     ) -> None:
         super().__init__()
-        hidden_dims = list(hidden_dims)
-        if not hidden_dims or any(not isinstance(h, int) or h < 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims: expected a non-empty list of positive ints, got {hidden_dims!r}")
+        hidden_dims = check_positive_ints(hidden_dims, "hidden_dims")
+        check_activation_class(activation)
         self.context_dim = context_dim
         # With nothing to read (a coupling layer over D = 1), the first layer is a learned bias.
         self.input_layer = nn.Linear(in_dim, hidden_dims[0]) if in_dim else None

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pyro_nf.checks import check_image_shape
+from pyro_nf.checks import check_image_shape, check_positive_int, check_positive_ints
 
 Activation = Literal["softplus", "tanh", "elu", "silu"]
 ACTIVATIONS: dict[str, type[nn.Module]] = {"softplus": nn.Softplus, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
@@ -150,11 +150,8 @@ class ODENet(nn.Module):
         zero_init: bool = True,
     ) -> None:
         super().__init__()
-        hidden_dims = list(hidden_dims)
-        if not isinstance(input_dim, int) or isinstance(input_dim, bool) or input_dim < 1:
-            raise ValueError(f"input_dim: expected a positive int, got {input_dim!r}")
-        if not hidden_dims or any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims: expected a non-empty list of positive ints, got {hidden_dims!r}")
+        check_positive_int(input_dim, "input_dim")
+        hidden_dims = check_positive_ints(hidden_dims, "hidden_dims")
         if not isinstance(context_dim, int) or context_dim < 0:
             raise ValueError(f"context_dim: expected a non-negative int, got {context_dim!r}")
         check_activation(activation)
@@ -292,9 +289,7 @@ class ConvODENet(nn.Module):
     ) -> None:
         super().__init__()
         shape = check_image_shape(input_shape)
-        hidden = list(hidden_channels)
-        if not hidden or any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
-            raise ValueError(f"hidden_channels: expected a non-empty list of positive ints, got {hidden!r}")
+        hidden = check_positive_ints(hidden_channels, "hidden_channels")
         if not isinstance(context_dim, int) or isinstance(context_dim, bool) or context_dim < 0:
             raise ValueError(f"context_dim: expected a non-negative int, got {context_dim!r}")
         check_activation(activation)

@@ -21,6 +21,11 @@ Everything a run writes goes to one folder: ``config.json`` (the full
 resolved configuration), ``train.log``, ``history.csv`` (loss per logged
 step), ``checkpoint.pt`` (see :mod:`pyro_nf.checkpoint`), periodic
 validation figures in ``figures/``, ``curves.png`` and ``metrics.json``.
+The folder is locked while a run runs, holds one run at a time, and a
+SIGTERM or SIGINT stops the run with a checkpoint
+(:mod:`~pyro_nf.training.run_folder`); a resume checks that the data are
+the run's (:mod:`~pyro_nf.training.run_record`). The CNFs can be trained by
+flow matching instead of the likelihood (:mod:`~pyro_nf.training.objective`).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
 :class:`~torch.nn.parallel.DistributedDataParallel`; every process holds the
@@ -45,6 +50,7 @@ from pyro_nf.training.config import (
     ConfigError,
     NonFiniteLossError,
     TrainConfig,
+    TrainingInterrupted,
     merge_resume,
     resolve_config,
 )
@@ -58,6 +64,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",
+    "TrainingInterrupted",
     "evaluate",
     "merge_resume",
     "resolve_config",

@@ -8,17 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from pyro_nf.data import TOY_DATASETS
 from pyro_nf.data.files import is_data_file
 from pyro_nf.registry import FLOWS
+from pyro_nf.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from pyro_nf.training.validation import OBJECTIVES, check_device_name, validate_objective
 
 __all__ = [
     "IMAGE_DATASETS",
     "ConfigError",
     "NonFiniteLossError",
+    "OBJECTIVES",
     "TrainConfig",
+    "TrainingInterrupted",
     "data_kind",
     "merge_resume",
     "resolve_config",
@@ -27,12 +29,7 @@ __all__ = [
 DataKind = Literal["toy", "file", "image"]
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run (unknown flow or dataset, a flow that does not fit the data, ...)."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss or gradient; the last good checkpoint is kept."""
+_FLOW_MATCHING_DEFAULTS = {"fm_path": "linear", "fm_coupling": "independent", "fm_sigma_min": 0.0}
 
 
 CONFIG_VERSION = 2
@@ -84,6 +81,10 @@ class TrainConfig:
     - ``progress``: show a progress bar.
     - ``actnorm``: an ActNorm first on the data side of MAF / IAF / RealNVP (False: the data are
       standardised already; None for the other flows).
+    - ``objective``: ``"likelihood"`` (maximum likelihood, every flow) or ``"flow-matching"`` (the CNFs
+      ``ffjord`` and ``ffjord-multiscale``: :func:`~pyro_nf.transforms.flow_matching.flow_matching_loss`).
+    - ``fm_path``, ``fm_coupling``, ``fm_sigma_min``: the flow-matching path (``"linear"`` or ``"cosine"``),
+      pairing (``"independent"`` or ``"ot"``) and end width ``sigma_min`` (None with the likelihood).
     - ``config_version``: the layout of this record (2: ``levels`` counts squeezes in every image flow;
       in version 1 ``levels`` of ``realnvp-multiscale`` counted scales, one more, and the vector flows had
       no ActNorm).
@@ -117,6 +118,10 @@ class TrainConfig:
     num_samples: int = 2000
     progress: bool = True
     actnorm: bool | None = None
+    objective: str = "likelihood"
+    fm_path: str | None = None
+    fm_coupling: str | None = None
+    fm_sigma_min: float | None = None
     config_version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,7 +133,15 @@ class TrainConfig:
         """Rebuild from :meth:`to_dict`'s output (unknown keys are an error); older layouts are migrated."""
         unknown = _unknown_fields(cls, values)
         if unknown:
-            raise ConfigError(f"configuration: unknown keys {', '.join(unknown)}")
+            raise ConfigError(f"configuration: unknown keys {', '.join(unknown)} (written by a newer pyro_nf?)")
+        missing = sorted({"flow", "data", "out"} - set(values))
+        if missing:
+            raise ConfigError(f"configuration: missing keys {', '.join(missing)}")
+        if values["flow"] not in FLOWS:
+            raise ConfigError(
+                f"configuration: unknown flow {values['flow']!r}; this pyro_nf knows {', '.join(FLOWS)} "
+                "(written by a newer pyro_nf?)"
+            )
         values = dict(values)
         if values.setdefault("config_version", 1) == 1:
             if values.get("flow") == "realnvp-multiscale" and values.get("levels") is not None:
@@ -149,17 +162,32 @@ def _flag(key: str) -> str:
     return f"--{key.replace('_', '-')}"
 
 
-_RESUMABLE = {
-    "steps",
-    "epochs",
-    "val_every",
-    "checkpoint_every",
-    "log_every",
-    "progress",
-    "device",
-    "num_samples",
-}
-"""Options a resumed run may change; all others must match the checkpoint."""
+RESUMABLE = frozenset(
+    {
+        "steps",
+        "epochs",
+        "lr",
+        "warmup_steps",
+        "grad_clip",
+        "objective",
+        "fm_path",
+        "fm_coupling",
+        "fm_sigma_min",
+        "data",
+        "data_dir",
+        "val_every",
+        "checkpoint_every",
+        "log_every",
+        "progress",
+        "device",
+        "num_samples",
+    }
+)
+"""Options a resumed run may change; all others (the model, the split, the seed) must match the checkpoint.
+
+A changed ``--data`` (or ``--data-dir``) must hold the same data (the fingerprint is compared) unless the
+resume is given ``--allow-new-data``.
+"""
 
 
 def data_kind(data: str) -> DataKind:
@@ -195,6 +223,9 @@ def _defaults(flow: str, kind: DataKind, data: str) -> dict[str, Any]:
             val_every=2000 if big else 250,
             num_samples=64,
         )
+        if flow == "ffjord-multiscale":
+            # FFJORD's image CNF: --depth is the CNF blocks before and after each squeeze (2 in the paper).
+            out.update(levels=2 if big else 1, depth=2, hidden_channels=64 if big else 32, coupling=None)
         return out
     out.update(batch_size=256, lr=1e-3, val_every=500, num_samples=2000)
     if flow == "ffjord":
@@ -252,6 +283,8 @@ def resolve_config(options: dict[str, Any]) -> TrainConfig:
         for key in ("hidden", "num_transforms"):
             if key in values:
                 raise ConfigError(f"{_flag(key)} applies to vector flows, not to {flow}")
+        if flow == "ffjord-multiscale" and "coupling" in values:
+            raise ConfigError(f"--coupling applies to glow and realnvp-multiscale, not to {flow}")
     if "data_dir" in values:
         if kind != "image" or data == "digits":
             raise ConfigError(f"--data-dir applies to mnist and fashion-mnist, not to {data!r}")
@@ -267,8 +300,22 @@ def resolve_config(options: dict[str, Any]) -> TrainConfig:
     if "checkpoint_every" not in values:
         merged["checkpoint_every"] = merged.get("val_every", 500)
     config = TrainConfig(**merged)
+    _settle_objective(config, given=values)
     _validate(config)
     return config
+
+
+def _settle_objective(config: TrainConfig, given: dict[str, Any]) -> None:
+    """Fill the flow-matching options of a flow-matching run; refuse them (when given) otherwise."""
+    if config.objective == "flow-matching":
+        for key, default in _FLOW_MATCHING_DEFAULTS.items():
+            if getattr(config, key) is None:
+                setattr(config, key, default)
+        return
+    for key in _FLOW_MATCHING_DEFAULTS:
+        if given.get(key) is not None:
+            raise ConfigError(f"{_flag(key)} applies to --objective flow-matching, not to {config.objective!r}")
+        setattr(config, key, None)
 
 
 def _validate(config: TrainConfig) -> None:
@@ -300,11 +347,12 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError(f"--coupling: expected affine or additive, got {config.coupling!r}")
     if config.n_levels is not None and config.n_levels < 2:
         raise ConfigError(f"--n-levels: expected an integer >= 2, got {config.n_levels!r}")
-    if config.device != "auto":
-        try:
-            torch.device(config.device)
-        except RuntimeError:
-            raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {config.device!r}") from None
+    check_device_name(config.device)
+    if not isinstance(config.out, str) or not config.out.strip():
+        raise ConfigError(f"--out: expected the name of a folder, got {config.out!r}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise ConfigError(f"--seed: expected an integer >= 0, got {config.seed!r}")
+    validate_objective(config.flow, config.objective, config.fm_path, config.fm_coupling, config.fm_sigma_min)
 
 
 def merge_resume(saved: dict[str, Any], options: dict[str, Any]) -> TrainConfig:
@@ -314,21 +362,30 @@ def merge_resume(saved: dict[str, Any], options: dict[str, Any]) -> TrainConfig:
         ConfigError: an option that differs from the checkpoint's and cannot change on resume.
     """
     config = TrainConfig.from_dict(saved)
+    given = {}
     for key, value in options.items():
         if value is None or key in ("out",):
             continue
-        if key == "data" and data_kind(value) == "file":
+        if key in ("data", "data_dir") and (key == "data_dir" or data_kind(value) == "file"):
             value = str(Path(value).expanduser().resolve())
-        if key in _RESUMABLE:
+        if key in RESUMABLE:
             setattr(config, key, value)
+            given[key] = value
             if key == "steps":
                 config.epochs = None
         elif getattr(config, key) != value:
+            flags = ", ".join(_flag(k) for k in sorted(RESUMABLE))
             raise ConfigError(
-                f"{_flag(key)} {value!r} differs from the resumed run's {getattr(config, key)!r}; "
-                f"a resumed run keeps its configuration (only {', '.join(sorted(_RESUMABLE))} may change)"
+                f"{_flag(key)} {value!r} differs from the resumed run's {getattr(config, key)!r}; a resumed run keeps "
+                f"its model, split and seed (only {flags} may change): to train with {_flag(key)} {value!r} start a "
+                "new run, in this folder with --overwrite (the old run is deleted) or in another --out"
             )
     if options.get("epochs") is not None:
         config.steps = 0
+    if data_kind(config.data) != data_kind(saved.get("data", config.data)):
+        raise ConfigError(
+            f"--data {config.data!r}: a resumed run keeps its kind of data (it was {saved.get('data')!r})"
+        )
+    _settle_objective(config, given=given)
     _validate(config)
     return config

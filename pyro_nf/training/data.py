@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from pyro_nf.data import sample_toy
-from pyro_nf.data.files import as_images, as_vectors, load_file
+from pyro_nf.data.files import DataFileError, FileData, as_images, as_vectors, column_label, load_file
 from pyro_nf.metrics import bits_per_dim
 from pyro_nf.training.config import IMAGE_DATASETS, ConfigError, TrainConfig, data_kind
 from pyro_nf.transforms.preprocess import dequantize, quantize
@@ -169,8 +169,27 @@ def prepare_data(config: TrainConfig, *, image_flow: bool) -> PreparedData:
         train, val, test = _split(arrays["data"], config.seed, (0.1, 0.1))
     train_t, val_t, test_t = (torch.as_tensor(a, dtype=torch.float32) for a in (train, val, test))
     if preprocess is None:
+        _refuse_constant_columns(train_t, data)
         preprocess = Standardize.fit(train_t)
     return PreparedData(kind_out, train_t, val_t, test_t, preprocess, f"file {data.path}")
+
+
+def _refuse_constant_columns(train: Tensor, data: FileData) -> None:
+    """A :class:`DataFileError` naming the first column that holds one value in every training sample.
+
+    A constant column has no spread to standardise and its density is a point mass: the
+    likelihood of a flow fitting it grows without bound. It is refused rather than dropped, so
+    the data a model sees are the data in the file.
+    """
+    constant = (train.amax(0) == train.amin(0)).nonzero().flatten()
+    if constant.numel():
+        column = int(constant[0])
+        others = f" (and {constant.numel() - 1} more)" if constant.numel() > 1 else ""
+        raise DataFileError(
+            f"{data.path}, column {column_label(column, data.columns)}{others}: every training sample has the "
+            f"value {float(train[0, column]):g}; a density needs a spread in every column (a constant column's "
+            "likelihood is unbounded): remove the column"
+        )
 
 
 def _load_image_dataset(name: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:

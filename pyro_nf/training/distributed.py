@@ -14,7 +14,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 
-from pyro_nf.training.config import ConfigError
+from pyro_nf.training.errors import ConfigError
+from pyro_nf.training.validation import check_device_name
 
 __all__ = ["DistributedContext", "resolve_device"]
 
@@ -27,6 +28,7 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
         >>> resolve_device("cpu")
         device(type='cpu')
     """
+    check_device_name(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -34,6 +36,11 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
             raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
         if device == "cuda" and local_rank is not None:
             device = f"cuda:{local_rank}"
+        index, count = torch.device(device).index, torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
     return torch.device(device)
 
 
@@ -73,6 +80,18 @@ class DistributedContext:
             torch_dist.all_reduce(value)
             value /= self.world_size
         return value
+
+    def any_true(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (one small all-reduce when there are several)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every process: a process that failed tells the others, which then stop too."""
+        return not self.any_true(not ok)
 
     def close(self) -> None:
         """Leave the process group if this context joined it."""

@@ -73,9 +73,10 @@ def _figures(
         files.append(_plot_pairs(flow_model, data, out / name, config.num_samples))
     if curves["steps"]:
         unit = "bits/dim" if data.kind == "image" else "NLL (nats)"
+        train = "train (flow-matching loss)" if config.objective == "flow-matching" else "train"
         files.append(
             plotting.plot_curves(
-                {"train": curves["train"], "validation": curves["val"]},
+                {train: curves["train"], "validation": curves["val"]},
                 out / "curves.png",
                 steps=curves["steps"],
                 ylabel=unit,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,16 +30,27 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from pyro_nf.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from pyro_nf.checkpoint import Checkpoint, save_checkpoint
 from pyro_nf.checks import validation
 from pyro_nf.registry import FLOWS
 from pyro_nf.rng import capture_rng_state, restore_rng_state
-from pyro_nf.training.config import ConfigError, NonFiniteLossError, TrainConfig
+from pyro_nf.training.config import ConfigError, NonFiniteLossError, TrainConfig, TrainingInterrupted
 from pyro_nf.training.data import prepare_data, preprocess_from_state
 from pyro_nf.training.distributed import DistributedContext
 from pyro_nf.training.figures import _figures
-from pyro_nf.training.model import _generator, _metric, _metric_name, build_model, evaluate_nll
-from pyro_nf.training.run_log import RunLog, append_history, atomic_write_text, history_rows, write_history
+from pyro_nf.training.model import _generator, _metric, _metric_name, build_model
+from pyro_nf.training.objective import Objective, evaluate_with_nfe
+from pyro_nf.training.run_folder import RunFolder, RunOptions, StopSignals, remove_run_temporaries, stopped_error
+from pyro_nf.training.run_log import (
+    RunLog,
+    append_history,
+    atomic_write_text,
+    history_rows,
+    progress_bar,
+    write_config,
+    write_history,
+)
+from pyro_nf.training.run_record import load_model_state, open_run
 
 __all__ = ["TrainResult", "train"]
 
@@ -71,15 +83,23 @@ def _batches(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[tu
         step += 1
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+def train(
+    config: TrainConfig, *, resume: bool = False, overwrite: bool = False, allow_new_data: bool = False
+) -> TrainResult:
     """Run (or resume) the training that ``config`` describes; see :mod:`pyro_nf.training`.
 
-    A folder that already holds a checkpoint is continued with ``resume=True``
-    or replaced with ``overwrite=True``; otherwise it is left alone.
+    A folder that already holds a run is continued with ``resume=True``
+    or deleted and started again with ``overwrite=True``; otherwise it is
+    left alone. The folder is locked while the run runs (a second run there
+    is refused). A resume on data that differ from the run's (its
+    fingerprint) is refused unless ``allow_new_data=True``. SIGTERM and
+    SIGINT stop the run after the current step with a checkpoint
+    (:class:`~pyro_nf.training.config.TrainingInterrupted`).
 
     Raises:
-        ConfigError: the configuration cannot run on this data.
+        ConfigError: the configuration cannot run on this data, or the run folder cannot be used.
         NonFiniteLossError: the loss or gradient became NaN or infinite.
+        TrainingInterrupted: a signal stopped the run.
 
     Example::
 
@@ -94,21 +114,18 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         >>> result.steps, sorted(result.metrics)
         (5, ['test_nll', 'val_nll'])
     """
-    existing = Path(config.out) / "checkpoint.pt"
-    if not resume and not overwrite and existing.exists():
-        raise ConfigError(
-            f"{config.out} already holds a run ({existing}); pass --resume to continue it, --overwrite to "
-            "start again in it, or choose another --out"
-        )
     context = DistributedContext.from_env(config.device)
     try:
-        run = _Run(config, context, resume)
-        try:
-            run.set_up()
-            run.run()
-            return run.finish()
-        finally:
-            run.close()
+        with StopSignals() as stop:
+            run = _Run(config, context, resume, RunOptions(overwrite, allow_new_data, stop))
+            try:
+                run.set_up()
+                run.run()
+                return run.finish()
+            except (TrainingInterrupted, OSError) as error:
+                raise stopped_error(error, run.out, run.last_saved, resume) from None
+            finally:
+                run.close()
     finally:
         context.close()
 
@@ -116,10 +133,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
 class _Run:
     """One training run, phase by phase (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, context: DistributedContext, resume: bool) -> None:
+    def __init__(self, config: TrainConfig, context: DistributedContext, resume: bool, options: RunOptions) -> None:
         self.config = config
         self.context = context
         self.resume = resume
+        self.options = options
+        self.folder: RunFolder | None = None
+        self.val_nfe: dict[int, float | None] = {}  # the NFE of each validation's solves (CNFs)
         self.device = context.device
         self.out = Path(config.out)
         self.checkpoint_path = self.out / "checkpoint.pt"
@@ -135,7 +155,7 @@ class _Run:
 
     # -- 1. set-up -----------------------------------------------------------------------
     def set_up(self) -> None:
-        """Data, model, optimizer, the resumed state, the run folder and ``config.json``."""
+        """Data, the run folder (locked), the resumed state, model, optimizer and ``config.json``."""
         config, context = self.config, self.context
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -153,13 +173,15 @@ class _Run:
             )
         if config.epochs is not None and not config.steps:
             config.steps = config.epochs * self.per_epoch
-        checkpoint = load_checkpoint(self.checkpoint_path) if self.resume else None
+        opened = open_run(config, context, self.resume, self.options, data)
+        self.folder, checkpoint, self.fingerprint = opened.folder, opened.checkpoint, opened.fingerprint
         if checkpoint is not None:
             data.preprocess = preprocess_from_state(checkpoint.extra["preprocess"])
         self.model = build_model(config, data).to(self.device)
+        self.objective = Objective(self.model, data, config)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         if checkpoint is not None:
-            self.model.load_state_dict(checkpoint.model)
+            load_model_state(self.model, checkpoint, self.checkpoint_path)
             self.optimizer.load_state_dict(checkpoint.optimizer)
             self.start = self.last_saved = checkpoint.step
             if self.start > config.steps:
@@ -167,19 +189,20 @@ class _Run:
                     f"the checkpoint is at step {self.start}, past --steps {config.steps}; give more steps"
                 )
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "figures").mkdir(exist_ok=True)
         self.log = RunLog(self.out if self.main else None)
+        for note in opened.notes:
+            self.log.info(f"pyro-nf: {note}")
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
             self._begin()
         if self.main:
             self._write_config()
-        self.ddp: nn.Module = self.model
+        self.ddp: nn.Module = self.objective
         if context.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            self.ddp = nn.parallel.DistributedDataParallel(self.objective, device_ids=device_ids)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         """Curves, history and random states of a resumed run."""
@@ -200,16 +223,19 @@ class _Run:
         config, data, context = self.config, self.data, self.context
         if self.main:
             write_history(self.history_path, [])
-        # Data-dependent initialisation sees the first global batch, on every process alike.
-        first = next(_batches(len(data.train), config.batch_size, config.seed, 0))[1]
-        with torch.no_grad():
-            x0 = data.train[first].to(self.device)
-            _metric(self.model, data, data.preprocess.to_model(x0, _generator(config.seed, -1)))
+        if config.objective == "likelihood":
+            # Data-dependent initialisation (ActNorm) sees the first global batch, on every process alike.
+            # Flow matching trains CNF fields only (no ActNorm): it skips this pass, a full ODE solve.
+            first = next(_batches(len(data.train), config.batch_size, config.seed, 0))[1]
+            with torch.no_grad():
+                x0 = data.train[first].to(self.device)
+                _metric(self.model, data, data.preprocess.to_model(x0, _generator(config.seed, -1)))
         if context.world_size > 1:
             torch.manual_seed(config.seed + 7919 * context.rank)
         processes = f" x {context.world_size} processes" if context.world_size > 1 else ""
+        how = " by flow matching" if config.objective == "flow-matching" else ""
         self.log.info(
-            f"pyro-nf: training {config.flow} on {data.description} ({len(data.train)} train, "
+            f"pyro-nf: training {config.flow}{how} on {data.description} ({len(data.train)} train, "
             f"{len(data.val)} val, {len(data.test)} test, shape {data.event_shape}) for {config.steps} steps "
             f"on {self.device}{processes}"
         )
@@ -217,30 +243,28 @@ class _Run:
     def _write_config(self) -> None:
         data = self.data
         resolved = {
-            **self.config.to_dict(),
-            "resolved": {
-                "event_shape": list(data.event_shape),
-                "n_train": len(data.train),
-                "n_val": len(data.val),
-                "n_test": len(data.test),
-                "steps_per_epoch": self.per_epoch,
-                "world_size": self.context.world_size,
-                "device": str(self.device),
-                "preprocess": _jsonable(data.preprocess.state()),
-                "parameters": sum(p.numel() for p in self.model.parameters()),
-                "pyro_nf_version": _version(),
-            },
+            "event_shape": list(data.event_shape),
+            "n_train": len(data.train),
+            "n_val": len(data.val),
+            "n_test": len(data.test),
+            "steps_per_epoch": self.per_epoch,
+            "world_size": self.context.world_size,
+            "device": str(self.device),
+            "preprocess": data.preprocess.state(),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "data": self.fingerprint,
         }
-        atomic_write_text(self.out / "config.json", json.dumps(resolved, indent=2) + "\n")
+        write_config(self.out / "config.json", self.config.to_dict(), resolved)
 
     # -- 2. to 4.: the steps, with validation and checkpoints -----------------------------
     def run(self) -> None:
         """Every step from the start (or the resumed step) to ``config.steps``."""
         config = self.config
-        self.progress = _progress(config, self.start, self.main)
+        self.progress = progress_bar(config.progress and self.main, config.steps, self.start, config.flow)
         self.window = (time.perf_counter(), 0)
         self.model.train()
         for step, indices in _batches(len(self.data.train), config.batch_size, config.seed, self.start):
+            self._stop_if_asked(step)
             if step >= config.steps:
                 break
             loss, norm, lr = self.step(step, indices)
@@ -267,7 +291,7 @@ class _Run:
         ]
         # The data were checked when loaded; unchecked layers and base let a NaN reach the loss test below.
         with validation(False), pyro.validation_enabled(False):
-            loss = _metric(self.ddp, data, y).mean()
+            loss = self.ddp(y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         clip = config.grad_clip if config.grad_clip > 0 else math.inf
@@ -292,7 +316,7 @@ class _Run:
         start, steps = self.window[0], self.window[1] + 1
         elapsed = max(time.perf_counter() - start, 1e-9)
         rate = f"{steps * config.batch_size / elapsed:.0f}"
-        self.progress.set_postfix({_metric_name(self.data): f"{loss:.4f}", "samples/s": rate}, refresh=False)
+        self.progress.set_postfix({self.objective.loss_name: f"{loss:.4f}", "samples/s": rate}, refresh=False)
         self.progress.update(1)
         self.window = (time.perf_counter(), 0) if elapsed > 5.0 else (start, steps)
 
@@ -300,12 +324,15 @@ class _Run:
         """The validation metric, the curves and a figure (rank 0)."""
         if self.main:
             metric = _metric_name(self.data)
-            val = evaluate_nll(self.model, self.data, self.data.val, seed=self.config.seed + 1)
+            val, nfe = evaluate_with_nfe(self.model, self.data, self.data.val, seed=self.config.seed + 1)
+            self.val_nfe[done] = nfe
             train_value = float(np.mean(self.interval))
             self.curves["steps"].append(float(done))
             self.curves["train"].append(train_value)
             self.curves["val"].append(val)
-            self.log.info(f"step {done}: train {metric} {train_value:.4f}, val {metric} {val:.4f}")
+            solve = "" if nfe is None else f" (NFE {nfe:.0f})"
+            train_name = self.objective.loss_name
+            self.log.info(f"step {done}: train {train_name} {train_value:.4f}, val {metric} {val:.4f}{solve}")
             with torch.random.fork_rng(devices=[]):
                 _figures(self.model, self.data, self.out, self.config, f"figures/step_{done:06d}.png", self.curves)
         self.interval = []
@@ -331,6 +358,7 @@ class _Run:
             }
             if rank_rng is not None:
                 extra["rank_rng"] = rank_rng
+            extra["data_fingerprint"] = self.fingerprint
             state_dict = {key: value.detach().cpu() for key, value in self.model.state_dict().items()}
             rng = capture_rng_state()
             checkpoint = Checkpoint(state_dict, self.optimizer.state_dict(), done, rng, self.config.to_dict(), extra)
@@ -350,54 +378,56 @@ class _Run:
         self.log.info(f"pyro-nf: error: {message}", console=False)  # the command line prints it
         raise NonFiniteLossError(message)
 
+    def _stop_if_asked(self, done: int) -> None:
+        """After ``done`` steps: if a signal asked to stop (on any process), save a checkpoint and stop."""
+        if not self.context.any_true(self.options.stop.signum is not None):
+            return
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        if self.last_saved != done:
+            self.save(done)
+        if self.main and self.folder is not None:
+            remove_run_temporaries(self.out)
+        signum = self.options.stop.signum or signal.SIGTERM
+        self.log.info(f"pyro-nf: stopped by {signal.Signals(signum).name} at step {done}", console=False)
+        raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name} at step {done}", signum)
+
     # -- 5. finish ------------------------------------------------------------------------
     def finish(self) -> TrainResult:
         """The final metrics, ``metrics.json`` and the figures (rank 0)."""
         config, data, out = self.config, self.data, self.out
+        self._stop_if_asked(config.steps)
         if not self.main:
             return TrainResult(out, config.steps, {}, [])
         metric = _metric_name(data)
         last_figure = out / "figures" / f"step_{config.steps:06d}.png"
-        if self.curves["steps"] and self.curves["steps"][-1] == config.steps and last_figure.exists():
+        validated = self.curves["steps"] and self.curves["steps"][-1] == config.steps and last_figure.exists()
+        if validated and config.steps in self.val_nfe:
             # The validation at the last step already scored this model and drew its figure.
-            val_value = self.curves["val"][-1]
+            val_value, val_nfe = self.curves["val"][-1], self.val_nfe[config.steps]
             shutil.copyfile(last_figure, out / "samples.png")
             files = [out / "samples.png", out / "curves.png"]
         else:
-            val_value = evaluate_nll(self.model, data, data.val, seed=config.seed + 1)
+            val_value, val_nfe = evaluate_with_nfe(self.model, data, data.val, seed=config.seed + 1)
             with torch.random.fork_rng(devices=[]):
                 files = _figures(self.model, data, out, config, "samples.png", self.curves)
-        metrics = {
-            f"val_{metric}": val_value,
-            f"test_{metric}": evaluate_nll(self.model, data, data.test, seed=config.seed + 2),
-        }
+        test_value, test_nfe = evaluate_with_nfe(self.model, data, data.test, seed=config.seed + 2)
+        metrics = {f"val_{metric}": val_value, f"test_{metric}": test_value}
+        if val_nfe is not None and test_nfe is not None:
+            metrics.update(val_nfe=val_nfe, test_nfe=test_nfe)  # the mean NFE of the evaluation solves
         atomic_write_text(out / "metrics.json", json.dumps({"step": config.steps, **metrics}, indent=2) + "\n")
         files += [out / name for name in ("metrics.json", "checkpoint.pt", "config.json", "train.log")]
         unit = "bits/dim" if metric == "bpd" else "nats"
+        solves = "" if test_nfe is None else f" (evaluation NFE {test_nfe:.0f})"
         self.log.info(
-            f"pyro-nf: done, {config.steps} steps. val {metric} {metrics[f'val_{metric}']:.4f} {unit}, "
-            f"test {metric} {metrics[f'test_{metric}']:.4f} {unit}"
+            f"pyro-nf: done, {config.steps} steps. val {metric} {val_value:.4f} {unit}, "
+            f"test {metric} {test_value:.4f} {unit}{solves}"
         )
         self.log.info(f"pyro-nf: outputs in {out}/: " + ", ".join(p.name for p in files))
         return TrainResult(out, config.steps, metrics, files)
 
     def close(self) -> None:
         self.log.close()
-
-
-def _version() -> str:
-    from pyro_nf import __version__
-
-    return __version__
-
-
-def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
-    return {key: value.tolist() if isinstance(value, Tensor) else value for key, value in state.items()}
-
-
-def _progress(config: TrainConfig, start: int, main: bool) -> Any:
-    if not (config.progress and main):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.steps, initial=start, desc=f"{config.flow}", unit="step", dynamic_ncols=True)
+        if self.folder is not None:
+            self.folder.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -73,8 +74,19 @@ def _generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def evaluate_nll(model: nn.Module, data: PreparedData, x: Tensor, *, batch_size: int = 1024, seed: int = 0) -> float:
-    """The mean metric (nats per sample, or bits per dimension for images) of ``model`` on ``x``."""
+def evaluate_nll(
+    model: nn.Module,
+    data: PreparedData,
+    x: Tensor,
+    *,
+    batch_size: int = 1024,
+    seed: int = 0,
+    after_batch: Callable[[], object] | None = None,
+) -> float:
+    """The mean metric (nats per sample, or bits per dimension for images) of ``model`` on ``x``.
+
+    ``after_batch`` is called after each batch (to read solve statistics).
+    """
     device = _device_of(model)
     total, count = 0.0, 0
     was_training = model.training
@@ -86,5 +98,7 @@ def evaluate_nll(model: nn.Module, data: PreparedData, x: Tensor, *, batch_size:
             y = data.preprocess.to_model(chunk, generator)
             total += float(_metric(_unwrap(model), data, y).double().sum())
             count += len(chunk)
+            if after_batch is not None:
+                after_batch()
     model.train(was_training)
     return total / count

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["RunLog", "append_history", "atomic_write_text", "history_rows", "write_history"]
+from torch import Tensor
+
+__all__ = [
+    "RunLog",
+    "append_history",
+    "atomic_write_text",
+    "history_rows",
+    "progress_bar",
+    "write_config",
+    "write_history",
+]
 
 
 class _ConsoleHandler(logging.Handler):
@@ -75,3 +87,32 @@ def atomic_write_text(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def write_config(path: Path, config: dict[str, Any], resolved: dict[str, Any]) -> None:
+    """``config.json``: the configuration, and under ``"resolved"`` what was derived (tensors as lists)."""
+    from pyro_nf import __version__
+
+    plain = {
+        key: {k: v.tolist() if isinstance(v, Tensor) else v for k, v in value.items()}
+        if isinstance(value, dict)
+        else value
+        for key, value in resolved.items()
+    }
+    record = {**config, "resolved": {**plain, "pyro_nf_version": __version__}}
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value.tolist() if isinstance(value, Tensor) else value
+
+
+def progress_bar(shown: bool, total: int, start: int, name: str) -> Any:
+    """A tqdm progress bar over the steps (None when not ``shown``)."""
+    if not shown:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)

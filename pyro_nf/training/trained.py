@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pyro_nf.checkpoint import Checkpoint, load_checkpoint
+from pyro_nf.checkpoint import CheckpointError, load_checkpoint
 from pyro_nf.data.files import as_images, as_vectors, load_file
 from pyro_nf.distributions import FlowModel
 from pyro_nf.registry import FLOWS
@@ -17,23 +17,42 @@ from pyro_nf.training.config import ConfigError, TrainConfig, data_kind
 from pyro_nf.training.data import PreparedData, prepare_data, preprocess_from_state
 from pyro_nf.training.distributed import resolve_device
 from pyro_nf.training.figures import _plot_sample_picture, _samples
-from pyro_nf.training.model import _metric_name, build_model, evaluate_nll
+from pyro_nf.training.model import _metric_name, build_model
+from pyro_nf.training.objective import evaluate_with_nfe
+from pyro_nf.training.run_record import check_folder_config, check_training_record, load_model_state
 
 __all__ = ["evaluate", "sample"]
 
 
-def _load_run(checkpoint_path: Path, device: str) -> tuple[FlowModel, TrainConfig, PreparedData | None, Checkpoint]:
-    checkpoint = load_checkpoint(checkpoint_path)
-    config = TrainConfig.from_dict(checkpoint.config)
+def _load_run(given: str | Path, device: str) -> tuple[FlowModel, TrainConfig, PreparedData, Path]:
+    """The model of a run folder or checkpoint file, checked against its configuration (and the folder's).
+
+    A damaged checkpoint is refused (naming what is damaged and the previous checkpoint to use
+    instead, ``checkpoint.prev.pt``): scores and samples always come from the file asked for.
+    """
+    path = _checkpoint_file(given)
+    torch_device = resolve_device(device)
+    checkpoint = load_checkpoint(path)
+    try:
+        config = TrainConfig.from_dict(checkpoint.config)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    check_training_record(checkpoint, path)
+    if Path(given).is_dir():
+        advice = f"pass {path} itself to use the checkpoint alone"
+        check_folder_config(Path(given), checkpoint, path, advice)
     extra = checkpoint.extra
     shape = tuple(int(s) for s in extra["event_shape"])
     empty = torch.zeros((0, *shape))
     shell = PreparedData(extra["data_kind"], empty, empty, empty, preprocess_from_state(extra["preprocess"]), "")
-    model = build_model(config, shell)
-    model.load_state_dict(checkpoint.model)
-    model.to(resolve_device(device))
+    try:
+        model = build_model(config, shell)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: its configuration does not build a model ({error})") from None
+    load_model_state(model, checkpoint, path)
+    model.to(torch_device)
     model.eval()
-    return model, config, shell, checkpoint
+    return model, config, shell, path
 
 
 def evaluate(
@@ -53,9 +72,8 @@ def evaluate(
         device: where to run.
         batch_size: samples per forward pass.
     """
-    path = _checkpoint_file(checkpoint_path)
-    model, config, shell, _ = _load_run(path, device)
-    assert shell is not None
+    _positive_option(batch_size, "--batch-size")
+    model, config, shell, path = _load_run(checkpoint_path, device)
     if data is not None:
         if data_kind(data) != "file":
             raise ConfigError(f"--data for evaluate: expected a .npy, .npz or .csv file, got {data!r}")
@@ -75,10 +93,15 @@ def evaluate(
         prepared = prepare_data(config, image_flow=FLOWS[config.flow].kind == "image")
         prepared.preprocess = shell.preprocess
         x, source = {"train": prepared.train, "val": prepared.val, "test": prepared.test}[split], f"{split} split"
+    if len(x) == 0:
+        raise ConfigError(f"{source}: no samples to score")
     shell.train = x[:1]
     metric = _metric_name(shell)
-    value = evaluate_nll(model, shell, x, batch_size=batch_size, seed=config.seed + 2)
-    return {"metric": metric, "value": value, "data": source, "samples": len(x), "checkpoint": str(path)}
+    value, nfe = evaluate_with_nfe(model, shell, x, batch_size=batch_size, seed=config.seed + 2)
+    result = {"metric": metric, "value": value, "data": source, "samples": len(x), "checkpoint": str(path)}
+    if nfe is not None:
+        result["nfe"] = nfe  # the mean NFE of the density solves, per batch
+    return result
 
 
 def sample(
@@ -95,24 +118,36 @@ def sample(
     Returns:
         The paths of the ``.npy`` file and of the ``.png`` picture.
     """
-    path = _checkpoint_file(checkpoint_path)
-    if num < 1:
-        raise ConfigError(f"--num: expected a positive integer, got {num}")
+    _positive_option(num, "--num")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"--seed: expected an integer >= 0, got {seed!r}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"--temperature: expected a positive number, got {temperature}")
     output = Path(output)
-    if output.suffix != ".npy":
-        raise ConfigError(f"--output: expected a .npy file name, got {str(output)!r}")
-    model, config, shell, _ = _load_run(path, device)
-    assert shell is not None
+    if output.suffix != ".npy" or output.is_dir():
+        what = "a folder" if output.is_dir() else repr(str(output))
+        raise ConfigError(f"--output {output}: expected the name of a .npy file to write, got {what}")
+    model, config, shell, _ = _load_run(checkpoint_path, device)
     torch.manual_seed(seed)
     x = _samples(model, shell, num, temperature)
-    output.parent.mkdir(parents=True, exist_ok=True)
     array = x.numpy().astype(np.uint8 if shell.kind == "image" and shell.preprocess.n_levels <= 256 else np.float32)  # type: ignore[union-attr]
-    np.save(output, array)
     picture = output.with_suffix(".png")
-    _plot_sample_picture(x, shell, picture, f"{num} samples of {config.flow} (T = {temperature:g})")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        np.save(output, array)
+        _plot_sample_picture(x, shell, picture, f"{num} samples of {config.flow} (T = {temperature:g})")
+    except OSError as error:
+        blocked = next((p for p in [output.parent, *output.parents] if p.exists() and not p.is_dir()), None)
+        reason = f"{blocked} is a file" if blocked is not None else error.strerror or str(error)
+        raise ConfigError(f"--output {output}: cannot write it ({reason})") from None
     return output, picture
+
+
+def _positive_option(value: object, flag: str) -> int:
+    """``value`` if it is a positive int, else a :class:`ConfigError` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{flag}: expected a positive integer, got {value!r}")
+    return value
 
 
 def _checkpoint_file(path: str | Path) -> Path:

@@ -318,6 +318,11 @@ def coupling_stack(
     check_positive_int(num_transforms, "num_transforms")
     if context_dim:
         check_positive_int(context_dim, "context_dim")
+    elif input_dim < 2:
+        raise ValueError(
+            f"input_dim: a coupling flow splits its input in two and needs input_dim >= 2, got {input_dim}; "
+            "for one dimension use maf (or a conditional coupling flow, whose layers read the context)"
+        )
     check_choice(mask, MASKS, "mask")
     hidden = list(hidden_dims) if hidden_dims is not None else default_hidden_dims(input_dim)
     parts: list[nn.Module] = []
