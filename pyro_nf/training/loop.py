@@ -38,6 +38,7 @@ from pyro_nf.training.data import prepare_data, preprocess_from_state
 from pyro_nf.training.distributed import DistributedContext
 from pyro_nf.training.figures import _figures
 from pyro_nf.training.model import _generator, _metric, _metric_name, build_model, evaluate_nll
+from pyro_nf.training.progress import TimeEstimate, make_progress
 from pyro_nf.training.run_log import RunLog, append_history, atomic_write_text, history_rows, write_history
 
 __all__ = ["TrainResult", "train"]
@@ -237,7 +238,8 @@ class _Run:
     def run(self) -> None:
         """Every step from the start (or the resumed step) to ``config.steps``."""
         config = self.config
-        self.progress = _progress(config, self.start, self.main)
+        self.progress = make_progress(config, self.start, self.main)
+        self.estimate = TimeEstimate(config, self.start, self.device)
         self.window = (time.perf_counter(), 0)
         self.model.train()
         for step, indices in _batches(len(self.data.train), config.batch_size, config.seed, self.start):
@@ -287,6 +289,9 @@ class _Run:
         self.interval.append(loss)
         if self.main and (done % config.log_every == 0 or done == config.steps):
             append_history(self.history_path, done, loss, lr, norm)
+        estimate = self.estimate.observe(done)
+        if estimate is not None:
+            self.log.info(estimate)
         if self.progress is None:
             return
         start, steps = self.window[0], self.window[1] + 1
@@ -393,11 +398,3 @@ def _version() -> str:
 
 def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
     return {key: value.tolist() if isinstance(value, Tensor) else value for key, value in state.items()}
-
-
-def _progress(config: TrainConfig, start: int, main: bool) -> Any:
-    if not (config.progress and main):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.steps, initial=start, desc=f"{config.flow}", unit="step", dynamic_ncols=True)
