@@ -331,8 +331,7 @@ def plot_pairs(
     k = min(dim, max_features)
     fig = Figure(figsize=(max(PANEL_INCHES, 1.6 * k),) * 2, layout="constrained")
     axes = fig.subplots(k, k, squeeze=False)
-    colors = ("#1f3b73", "#c0392b", "#27ae60", "#8e44ad")
-    alpha = float(min(0.8, max(0.05, 500.0 / n)))
+    colors, alpha = ("#1f3b73", "#c0392b", "#27ae60", "#8e44ad"), float(min(0.8, max(0.05, 500.0 / n)))
     for i in range(k):
         for j in range(k):
             ax = axes[i][j]
@@ -340,7 +339,7 @@ def plot_pairs(
                 ax.set_visible(False)
                 continue
             for c, (name, points) in enumerate(sets.items()):
-                color = colors[c % len(colors)]
+                color = colors[c % len(colors)]  # the same colour for a set in every panel
                 if i == j:
                     ax.hist(points[:n, i], bins=40, histtype="step", color=color, density=True, label=name)
                 else:

@@ -45,22 +45,10 @@ from pyro_nf.transforms.normalization import ActNorm, BatchNorm
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = [
-    "affine_autoregressive",
-    "maf",
-    "iaf",
-    "conditional_maf",
-    "conditional_iaf",
-    "ConditionedAutoregressive",
-    "Autoregressive",
-    "ConditionalAutoregressive",
-    "ConditionedAffineAutoregressive",
-    "AffineAutoregressive",
-    "ConditionalAffineAutoregressive",
-    "AutoregressiveOptions",
-    "AffineAutoregressiveOptions",
-    "autoregressive_stack",
-]
+__all__ = ["affine_autoregressive", "maf", "iaf", "conditional_maf", "conditional_iaf"]  # the factories first
+__all__ += ["ConditionedAutoregressive", "Autoregressive", "ConditionalAutoregressive"]
+__all__ += ["ConditionedAffineAutoregressive", "AffineAutoregressive", "ConditionalAffineAutoregressive"]
+__all__ += ["AutoregressiveOptions", "AffineAutoregressiveOptions", "autoregressive_stack"]
 
 Parallel = Literal["forward", "inverse"]
 
@@ -110,11 +98,8 @@ class ConditionedAutoregressive(FlowTransform):
         return self._split(self.made(inputs, self.context))
 
     def _split(self, raw: Tensor) -> Sequence[Tensor]:
-        """The MADE's ``P`` blocks of ``D`` outputs as ``P`` tensors.
-
-        ``unbind`` rather than ``chunk``: under ``torch.jit.trace`` the autodiff of a ``chunk``
-        whose pieces are not all used (the log-det reads the scales only) fails.
-        """
+        """The MADE's ``P`` blocks of ``D`` outputs as ``P`` tensors."""
+        # unbind, not chunk: under torch.jit.trace the autodiff of a partly used chunk fails (the log-det reads alpha)
         return raw.unflatten(-1, (self.made.num_params, self.made.input_dim)).unbind(-2)
 
     def _broadcast(self, v: Tensor) -> Tensor:
