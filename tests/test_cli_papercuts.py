@@ -15,34 +15,19 @@ import os
 import stat
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from matplotlib.figure import Figure
 
 import pyro_nf.plotting as plotting
 from pyro_nf.cli import EXIT_USAGE, _build_parser, main
 from pyro_nf.training.config import describe_default
+from tests.test_cli import _one_thread, run  # noqa: F401 (_one_thread: an autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = "--n-train 256 --n-val 64 --n-test 64 --batch-size 64 --num-samples 64 --hidden 8 --num-transforms 2".split()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(argv: Sequence[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import io
 import math
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -103,22 +104,23 @@ def test_relu_networks_trace_with_the_eager_gradients() -> None:
             assert torch.allclose(t, e, atol=1e-6)
 
 
-class _Sampler(nn.Module):
-    """A module holding a MAF whose ``forward`` draws samples: the sequential direction, traced."""
+class _Sequential(nn.Module):
+    """A module whose ``forward`` runs a flow's sequential direction: MAF sampling or IAF density."""
 
-    def __init__(self) -> None:
+    def __init__(self, factory: Callable[..., nn.Module], inverse: bool) -> None:
         super().__init__()
-        self.flow = maf(3, hidden_dims=[8], num_transforms=2)
+        self.flow = factory(3, hidden_dims=[8], num_transforms=2)
+        self.inverse = inverse
         for p in self.flow.parameters():
             nn.init.normal_(p, std=0.3)  # away from the identity, so the solve matters
 
-    def forward(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.flow.forward_and_log_det(noise)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.flow.inverse_and_log_det(x) if self.inverse else self.flow.forward_and_log_det(x)
 
 
-@pytest.mark.parametrize("make", [_Sampler, lambda: _InverseIAF()], ids=["maf-sampling", "iaf-density"])
-def test_a_traced_sequential_direction_saves_and_loads(make: Callable[[], nn.Module]) -> None:
-    module = make()
+@pytest.mark.parametrize("factory, inverse", [(maf, False), (iaf, True)], ids=["maf-sampling", "iaf-density"])
+def test_a_traced_sequential_direction_saves_and_loads(factory: Callable[..., nn.Module], inverse: bool) -> None:
+    module = _Sequential(factory, inverse)
     noise = torch.randn(4, 3)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -130,17 +132,6 @@ def test_a_traced_sequential_direction_saves_and_loads(make: Callable[[], nn.Mod
     other = torch.randn(6, 3)
     for got, want in zip(loaded(other), module(other)):
         assert torch.allclose(got, want, atol=1e-5)
-
-
-class _InverseIAF(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.flow = iaf(3, hidden_dims=[8], num_transforms=2)
-        for p in self.flow.parameters():
-            nn.init.normal_(p, std=0.3)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.flow.inverse_and_log_det(x)
 
 
 # -- Pyro's two serialization tests of its autoguide suite (tests/infer/test_autoguide.py), with AutoFlow ----------
@@ -222,3 +213,17 @@ def test_predictive_with_an_autoflow_traces_and_saves() -> None:
     assert len(samples) == len(samples_deser)
     for value, name in zip(samples_deser, sorted(samples)):
         assert value.shape == samples[name].shape and torch.isfinite(value).all(), name
+
+
+def test_the_jit_benchmark_smoke_run() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "jit_elbo", Path(__file__).resolve().parent.parent / "benchmarks" / "jit_elbo.py"
+    )
+    assert spec is not None and spec.loader is not None
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rows = benchmark.main(["--smoke-test", "--flows", "iaf"])
+    assert [(flow, elbo) for flow, elbo, _, _ in rows] == [("iaf", "Trace_ELBO"), ("iaf", "TraceMeanField_ELBO")]
+    assert all(eager > 0 and jit > 0 for _, _, eager, jit in rows)
