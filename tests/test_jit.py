@@ -90,7 +90,7 @@ def test_autoflow_ffjord_refuses_the_tracer_with_the_reason() -> None:
 def test_relu_networks_trace_with_the_eager_gradients() -> None:
     # activate() applies the ReLU in place eagerly, out of place under the tracer
     for net in (MLP(3, [8, 8], 4, zero_init_output=False), MADE(3, [8, 8], 2, zero_init_output=False)):
-        x = torch.randn(5, 3)
+        x = torch.randn(3)  # one unbatched vector, as AutoContinuous packs its latents
         params = tuple(net.parameters())
 
         def loss(*_: torch.Tensor) -> torch.Tensor:
