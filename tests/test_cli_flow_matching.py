@@ -60,7 +60,7 @@ def test_image_cnf_by_flow_matching(digits_file: Path, tmp_path: Path, capsys: p
     assert (config["levels"], config["depth"], config["coupling"]) == (1, 1, None)
     code, _, err = run(["sample", tmp_path, "--num", 4], capsys)
     assert code == 0, err
-    images = np.load(tmp_path / "samples.npy")
+    images = np.load(tmp_path / "sampled.npy")
     assert images.shape == (4, 1, 8, 8) and images.min() >= 0 and images.max() <= 16
 
 

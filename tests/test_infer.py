@@ -10,7 +10,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal, AutoNormalizingFlow
 from pyro.optim import Adam
 from torch import Tensor
@@ -124,6 +124,94 @@ def test_autoflow_ffjord() -> None:
     guide = AutoFlow(model, "ffjord", hidden_dims=[16])
     losses = run_svi(model, guide, 3)
     assert all(math.isfinite(v) for v in losses)
+
+
+def median_model() -> None:
+    """The model of Pyro's autoguide ``test_median``: a Normal, a LogNormal and a Beta site."""
+    pyro.sample("x", dist.Normal(0.0, 1.0))
+    pyro.sample("y", dist.LogNormal(0.0, 1.0))
+    pyro.sample("z", dist.Beta(2.0, 2.0))
+
+
+def wide_model() -> None:
+    """Wide sites behind an exponential: what overflowed when the guide's scale overshot."""
+    pyro.sample("x", dist.Normal(0.0, 5.0))
+    pyro.sample("y", dist.LogNormal(0.0, 3.0))
+
+
+def train_median_model(lr: float, seed: int, particles: int) -> tuple[AutoFlow, list[float]]:
+    """Pyro's test_median set-up: Adam(lr, betas=(0.8, 0.99)), vectorized particles, 100 steps."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = AutoFlow(median_model)
+    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True)
+    svi = SVI(median_model, guide, Adam({"lr": lr, "betas": (0.8, 0.99)}), elbo)
+    return guide, [svi.step() for _ in range(100)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_autoflow_defaults_pass_pyros_test_median(seed: int) -> None:
+    # Pyro's test_median since 1.8: lr 0.02, 500 particles; its tolerances (prec=0.1), on medians of
+    # draws (AutoFlow has no closed-form median)
+    guide, losses = train_median_model(0.02, seed, 500)
+    assert all(math.isfinite(v) for v in losses)
+    with torch.no_grad():
+        draws = Predictive(median_model, guide=guide, num_samples=4000, parallel=True)()
+    assert abs(draws["x"].median().item()) < 0.1
+    assert abs(draws["y"].median().item() - 1.0) < 0.1
+    assert abs(draws["z"].median().item() - 0.5) < 0.1
+
+
+def test_autoflow_defaults_stay_finite_at_pyros_old_test_median_rate() -> None:
+    # At lr 0.05 with 100 particles (Pyro's older test_median) the defaults once diverged within 2 steps in
+    # 3 of 3 seeds: init_scale 0.1 and the factories' per-layer bound of 3 nats let the first Adam
+    # steps widen every layer at once, to exp(15) times the right width. The posterior is the prior
+    # here, so -ELBO is the KL divergence to it: near 0 at the end.
+    for seed in range(3):
+        _, losses = train_median_model(0.05, seed, 100)
+        assert all(math.isfinite(v) for v in losses), seed
+        assert sum(losses[-20:]) / 20 < 0.1, (seed, losses[-20:])
+
+
+@pytest.mark.parametrize("lr", [0.05, 0.005])
+def test_autoflow_defaults_stay_finite_on_wide_sites(lr: float) -> None:
+    for seed in range(3):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        guide = AutoFlow(wide_model)
+        svi = SVI(
+            wide_model,
+            guide,
+            Adam({"lr": lr, "betas": (0.8, 0.99)}),
+            Trace_ELBO(num_particles=50, vectorize_particles=True),
+        )
+        losses = [svi.step() for _ in range(60)]
+        assert all(math.isfinite(v) for v in losses), (seed, losses)
+
+
+def test_autoflow_bounds_the_affine_layers_it_builds() -> None:
+    guide = AutoFlow(banana_model(), "realnvp", hidden_dims=[8], num_transforms=2)
+    guide()
+    assert {part.elementwise.log_scale_bound for part in guide.flow.parts} == {1.0}
+    guide = AutoFlow(banana_model(), "iaf", hidden_dims=[8], num_transforms=2, log_scale_bound=2.5)
+    guide()
+    assert {part.elementwise.log_scale_bound for part in guide.flow.parts} == {2.5}
+    assert torch.allclose(guide.scale, torch.ones(2))
+
+
+def test_autoflow_takes_a_factory_function_and_follows_the_models_dtype() -> None:
+    model = banana_model(torch.float64)
+    guide = AutoFlow(model, partial(iaf, hidden_dims=[8], num_transforms=2))
+    assert guide.flow_name == "iaf"
+    run_svi(model, guide, 2)
+    assert all(p.dtype == torch.float64 for p in guide.parameters())
+    # Pyro's AutoNormalizingFlow builds the same factory at torch's default dtype (the docs say so)
+    pyro.clear_param_store()
+    other = AutoNormalizingFlow(model, partial(iaf, hidden_dims=[8], num_transforms=2))
+    run_svi(model, other, 1)
+    assert all(p.dtype == torch.float32 for p in other.transform.parameters())
+    with pytest.raises(TypeError, match="flow: expected a flow name or a function"):
+        AutoFlow(model, 3)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("factory", [iaf, maf, realnvp], ids=lambda f: f.__name__)

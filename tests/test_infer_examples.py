@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -47,3 +48,16 @@ def test_vae_flows_smoke(tmp_path: Path, posterior: str, prior: str) -> None:
     assert checkpoint.exists() and not list(tmp_path.glob("*.tmp"))
     state = torch.load(checkpoint, weights_only=False)
     assert state["epoch"] == 1 and any(k.startswith("decoder.") for k in state["model"])
+
+
+def test_autoflow_defaults_benchmark_smoke() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "autoflow_defaults.py"
+    spec = importlib.util.spec_from_file_location("autoflow_defaults", path)
+    assert spec is not None and spec.loader is not None
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    results = benchmark.main(["--smoke-test"])
+    assert set(results) == {("median", 0.05), ("wide", 0.05), ("tight", 0.05)}
+    assert all(v is not None and math.isfinite(v) for values in results.values() for v in values)

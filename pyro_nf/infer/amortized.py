@@ -62,6 +62,14 @@ from pyro_nf.checks import check_tensor
 from pyro_nf.registry import FLOWS, flow_factory
 from pyro_nf.transforms.sylvester import DEFAULT_SYLVESTER_LAYERS, ExactSylvester, conditional_sylvester
 
+__all__ = [
+    "amortized_flow",
+    "amortized_posterior",
+    "AmortizedFlowPosterior",
+    "POSTERIORS",
+    "DEFAULT_PLANAR_LAYERS",
+]
+
 PosteriorName = Literal["gaussian", "planar", "sylvester", "sylvester-shared", "iaf", "maf", "realnvp", "ffjord"]
 BASELINES: tuple[str, ...] = ("gaussian", "planar", "sylvester", "sylvester-shared")
 POSTERIORS: tuple[str, ...] = (*BASELINES, *(name for name, spec in FLOWS.items() if spec.kind == "vector"))

@@ -35,6 +35,11 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+__all__ = [
+    "iwae_log_likelihood",
+    "IWAEEstimate",
+]
+
 _PARTICLES = "_iwae_particles"
 
 

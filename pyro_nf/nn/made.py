@@ -239,7 +239,8 @@ class MADE(IncrementalSequential):
         second network pass). Both methods give the same numbers and
         gradients up to float rounding; the incremental one is not twice
         differentiable. ``solve`` and the activations must be element-wise (as a
-        MADE needs anyway).
+        MADE needs anyway). Under ``torch.jit.trace`` (Pyro's ``JitTrace_ELBO``, a traced
+        module) the reference method is used, whose graph the tracer can record and save.
 
         Args:
             given: ``(..., D)``, the known side (base noise for MAF sampling, data
@@ -273,7 +274,9 @@ class MADE(IncrementalSequential):
             given = given.expand(*batch, self.input_dim)
         else:
             context = None
-        if method == "reference":
+        if method == "reference" or torch.jit.is_tracing():
+            # a traced graph can neither replay nor save the incremental pass's Python autograd
+            # function; the D-pass solve is plain tensor code, recorded with its gradients
             return self._sequential_reference(given, solve, context)
         return self._sequential_incremental(given, solve, context, chunk)
 

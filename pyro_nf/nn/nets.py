@@ -27,9 +27,13 @@ def activate(act: nn.Module, h: Tensor) -> Tensor:
 
     Only call it on a tensor nothing else reads afterwards (a linear layer's output): the
     in-place ReLU saves one full-size buffer per hidden layer, which is a third of a wide
-    MADE's forward pass on CPU.
+    MADE's forward pass on CPU. Under ``torch.jit.trace`` (Pyro's ``JitTrace_ELBO``) it is
+    applied out of place: the traced graph may hand the layer's output over as a view of a
+    parameter, which autograd refuses to overwrite.
     """
-    return torch.relu_(h) if type(act) is nn.ReLU else act(h)
+    if type(act) is nn.ReLU and not torch.jit.is_tracing():
+        return torch.relu_(h)
+    return act(h)
 
 
 class MLP(nn.Module):

@@ -22,6 +22,7 @@ __all__ = [
     "TrainConfig",
     "TrainingInterrupted",
     "data_kind",
+    "describe_default",
     "merge_resume",
     "resolve_config",
 ]
@@ -241,6 +242,52 @@ def _defaults(flow: str, kind: DataKind, data: str) -> dict[str, Any]:
     if kind == "toy":
         out.update(n_train=20000, n_val=5000, n_test=5000)
     return out
+
+
+_DEFAULT_CASES = (  # (label, flow, data): the kinds of data whose defaults differ
+    ("2D toys", "maf", "moons"),
+    ("files", "maf", "data.csv"),
+    ("vector flows on images", "maf", "digits"),
+    ("image flows on digits", "glow", "digits"),
+    ("image flows on mnist / fashion-mnist", "glow", "mnist"),
+)
+_FLOW_CASES = {"realnvp": "maf", "ffjord": "maf", "realnvp-multiscale": "glow"}  # flows whose defaults differ
+
+
+def describe_default(key: str) -> str:
+    """The default of a :class:`TrainConfig` field in words, per kind of data where it differs (for ``--help``).
+
+    Example::
+
+        >>> describe_default("seed")
+        'default: 0'
+        >>> describe_default("depth")
+        'default: 4 (image flows on digits), 16 (image flows on mnist / fashion-mnist)'
+    """
+
+    def value(flow: str, data: str) -> Any:
+        field = {f.name: f for f in dataclasses.fields(TrainConfig)}[key]
+        fallback = None if field.default is dataclasses.MISSING else field.default
+        return _defaults(flow, data_kind(data), data).get(key, fallback)
+
+    def words(v: Any) -> str:
+        if key == "hidden" and v is None:
+            return "two layers of max(64, 4 D)"
+        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    groups: dict[str, list[str]] = {}
+    for label, flow, data in _DEFAULT_CASES:
+        v = value(flow, data)
+        if v is not None or (key == "hidden" and FLOWS[flow].kind == "vector"):
+            groups.setdefault(words(v), []).append(label)
+        for other, like in _FLOW_CASES.items():
+            if like == flow and (data == "moons" or FLOWS[flow].kind == "image"):
+                if (w := value(other, data)) != v and w is not None:
+                    where = f" on {data}" if FLOWS[flow].kind == "image" else ""
+                    groups.setdefault(words(w), []).append(other + where)
+    if len(groups) == 1:
+        return f"default: {next(iter(groups))}"
+    return "default: " + ", ".join(f"{text} ({', '.join(labels)})" for text, labels in groups.items())
 
 
 def resolve_config(options: dict[str, Any]) -> TrainConfig:

@@ -110,6 +110,7 @@ class PreparedData:
     test: Tensor
     preprocess: Preprocess
     description: str
+    columns: tuple[str, ...] | None = None  # the features' names (a CSV's header), for the figures
 
     @property
     def event_shape(self) -> tuple[int, ...]:
@@ -171,7 +172,8 @@ def prepare_data(config: TrainConfig, *, image_flow: bool) -> PreparedData:
     if preprocess is None:
         _refuse_constant_columns(train_t, data)
         preprocess = Standardize.fit(train_t)
-    return PreparedData(kind_out, train_t, val_t, test_t, preprocess, f"file {data.path}")
+    columns = data.columns if kind_out == "vector" else None
+    return PreparedData(kind_out, train_t, val_t, test_t, preprocess, f"file {data.path}", columns)
 
 
 def _refuse_constant_columns(train: Tensor, data: FileData) -> None:
@@ -196,5 +198,8 @@ def _load_image_dataset(name: str, data_dir: str | None) -> tuple[np.ndarray, np
     """``(train, test, n_levels)`` of a built-in image dataset, images as ``(N, C, H, W)``."""
     from pyro_nf.data.images import load_images
 
-    result = load_images(name, data_dir)
+    try:
+        result = load_images(name, data_dir)
+    except ImportError as error:  # a dataset whose reader is an optional dependency: a usage error, one line
+        raise ConfigError(f"--data {name}: {error}") from error
     return result.train.numpy(), result.test.numpy(), int(result.n_levels)

@@ -64,45 +64,66 @@ def _figures(
         try:
             files.append(
                 plotting.plot_density_2d(
-                    log_prob, val, samples, out / name, bounds=_bounds(val.numpy()), resolution=resolution
+                    log_prob,
+                    val,
+                    samples,
+                    out / name,
+                    bounds=_bounds(val.numpy()),
+                    resolution=resolution,
+                    labels=_labels(data)[:2],  # type: ignore[arg-type]
                 )
             )
         finally:
             flow_model.train()
     else:
-        files.append(_plot_pairs(flow_model, data, out / name, config.num_samples))
-    if curves["steps"]:
-        unit = "bits/dim" if data.kind == "image" else "NLL (nats)"
-        train = "train (flow-matching loss)" if config.objective == "flow-matching" else "train"
-        files.append(
-            plotting.plot_curves(
-                {train: curves["train"], "validation": curves["val"]},
-                out / "curves.png",
-                steps=curves["steps"],
-                ylabel=unit,
-            )
-        )
+        val = data.val[: config.num_samples]
+        samples = _samples(flow_model, data, len(val))  # as many as there are data points to show
+        files.append(plotting.plot_pairs({"data": val, "samples": samples}, out / name, columns=_labels(data)))
+    if curves["steps"] or (out / "history.csv").exists():
+        files.append(_plot_curves(data, out, curves, config.objective))
     return files
 
 
-def _plot_pairs(model: FlowModel, data: PreparedData, path: Path, n: int) -> Path:
-    """Scatter of the first two features: data beside samples (vectors with D != 2)."""
-    from matplotlib.figure import Figure
+def _labels(data: PreparedData) -> tuple[str, ...]:
+    """The features' names: a CSV's header, else ``feature 1 .. D``."""
+    if data.columns is not None and len(data.columns) == data.event_shape[0]:
+        return data.columns
+    return tuple(f"feature {i + 1}" for i in range(data.event_shape[0]))
 
-    from pyro_nf.plotting import save_figure
 
-    samples = _samples(model, data, n).numpy()
-    real = data.val[:n].numpy()
-    columns = (0, 1) if data.event_shape[0] > 1 else (0, 0)
-    fig = Figure(figsize=(8, 4), layout="constrained")
-    axes = fig.subplots(1, 2, sharex=True, sharey=True)
-    for ax, points, title in zip(axes, (real, samples), ("data", "samples")):
-        if columns[0] == columns[1]:
-            ax.hist(points[:, 0], bins=50)
-        else:
-            ax.scatter(points[:, columns[0]], points[:, columns[1]], s=2, alpha=0.5)
-        ax.set_title(f"{title} (features {columns[0] + 1}, {columns[1] + 1})")
-    return save_figure(fig, path)
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """The trailing mean over ``window`` values (fewer at the start), one per value."""
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def _plot_curves(data: PreparedData, out: Path, curves: dict[str, list[float]], objective: str = "likelihood") -> Path:
+    """``curves.png``: the training loss as ``history.csv`` logged it (smoothed) and the validation points.
+
+    A flow-matching run's training loss is the regression loss, not an NLL: its label says so.
+    """
+    from pyro_nf import plotting
+    from pyro_nf.training.run_log import history_rows
+
+    history = {"validation": curves["val"]} if curves["steps"] else {}
+    steps = {"validation": curves["steps"]}
+    rows = [r for r in history_rows(out / "history.csv") if math.isfinite(float(r["loss"]))]
+    if rows:
+        logged = np.array([float(r["loss"]) for r in rows])
+        window = max(1, len(logged) // 25)
+        every = int(rows[1]["step"]) - int(rows[0]["step"]) if len(rows) > 1 else 1
+        loss = "flow-matching loss, " if objective == "flow-matching" else ""
+        name = f"train ({loss}every {every} steps" + (f", mean of {window})" if window > 1 else ")")
+        history = {name: _smooth(logged, window).tolist(), **history}
+        steps[name] = [float(r["step"]) for r in rows]
+    elif curves["steps"]:
+        name = "train (flow-matching loss)" if objective == "flow-matching" else "train"
+        history = {name: curves["train"], **history}
+        steps[name] = curves["steps"]
+    last = max(max(s) for name, s in steps.items() if name in history)
+    unit = "bits/dim" if data.kind == "image" else "NLL (nats)"
+    return plotting.plot_curves(history, out / "curves.png", steps=steps, ylabel=unit, title=f"step {last:.0f}")
 
 
 TEMPERATURES = (0.5, 0.7, 0.85, 1.0)
@@ -124,20 +145,15 @@ def _plot_sample_picture(x: Tensor, data: PreparedData, path: Path, title: str) 
     """The picture beside the samples :func:`pyro_nf.training.trained.sample` writes."""
     from matplotlib.figure import Figure
 
-    from pyro_nf.plotting import save_figure, tile_images
+    from pyro_nf.plotting import plot_pairs, save_figure, tile_images
 
+    if data.kind != "image":  # the features' names on the axes; every pair for 3 <= D <= 8
+        return plot_pairs({"samples": x}, path, columns=_labels(data), title=title)
     fig = Figure(figsize=(5, 5), layout="constrained")
     ax = fig.subplots()
-    if data.kind == "image":
-        levels = data.preprocess.n_levels  # type: ignore[union-attr]
-        per_row = max(1, int(math.sqrt(min(len(x), 100))))
-        ax.imshow(tile_images(x[: per_row * per_row].numpy(), per_row) / (levels - 1), cmap="gray", vmin=0, vmax=1)
-        ax.axis("off")
-    elif x.shape[1] >= 2:
-        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
-        ax.set_xlabel("feature 1")
-        ax.set_ylabel("feature 2")
-    else:
-        ax.hist(x[:, 0].numpy(), bins=50)
+    levels = data.preprocess.n_levels  # type: ignore[union-attr]
+    per_row = max(1, int(math.sqrt(min(len(x), 100))))
+    ax.imshow(tile_images(x[: per_row * per_row].numpy(), per_row) / (levels - 1), cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
     ax.set_title(title)
     return save_figure(fig, path)

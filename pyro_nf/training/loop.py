@@ -40,13 +40,13 @@ from pyro_nf.training.distributed import DistributedContext
 from pyro_nf.training.figures import _figures
 from pyro_nf.training.model import _generator, _metric, _metric_name, build_model
 from pyro_nf.training.objective import Objective, evaluate_with_nfe
+from pyro_nf.training.progress import TimeEstimate, make_progress
 from pyro_nf.training.run_folder import RunFolder, RunOptions, StopSignals, remove_run_temporaries, stopped_error
 from pyro_nf.training.run_log import (
     RunLog,
     append_history,
     atomic_write_text,
     history_rows,
-    progress_bar,
     write_config,
     write_history,
 )
@@ -260,7 +260,8 @@ class _Run:
     def run(self) -> None:
         """Every step from the start (or the resumed step) to ``config.steps``."""
         config = self.config
-        self.progress = progress_bar(config.progress and self.main, config.steps, self.start, config.flow)
+        self.progress = make_progress(config, self.start, self.main)
+        self.estimate = TimeEstimate(config, self.start, self.device)
         self.window = (time.perf_counter(), 0)
         self.model.train()
         for step, indices in _batches(len(self.data.train), config.batch_size, config.seed, self.start):
@@ -311,6 +312,9 @@ class _Run:
         self.interval.append(loss)
         if self.main and (done % config.log_every == 0 or done == config.steps):
             append_history(self.history_path, done, loss, lr, norm)
+        estimate = self.estimate.observe(done)
+        if estimate is not None:
+            self.log.info(estimate)
         if self.progress is None:
             return
         start, steps = self.window[0], self.window[1] + 1

@@ -17,7 +17,6 @@ __all__ = [
     "append_history",
     "atomic_write_text",
     "history_rows",
-    "progress_bar",
     "write_config",
     "write_history",
 ]
@@ -107,12 +106,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     return value.tolist() if isinstance(value, Tensor) else value
-
-
-def progress_bar(shown: bool, total: int, start: int, name: str) -> Any:
-    """A tqdm progress bar over the steps (None when not ``shown``)."""
-    if not shown:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)

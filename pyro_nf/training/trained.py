@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pyro_nf.checkpoint import CheckpointError, load_checkpoint
-from pyro_nf.data.files import as_images, as_vectors, load_file
+from pyro_nf.data.files import DataFileError, as_images, as_vectors, csv_columns, is_data_file, load_file
 from pyro_nf.distributions import FlowModel
 from pyro_nf.registry import FLOWS
 from pyro_nf.training.config import ConfigError, TrainConfig, data_kind
@@ -115,6 +115,9 @@ def sample(
 ) -> tuple[Path, Path]:
     """Draw ``num`` samples in data units; write them as ``.npy`` and a picture beside it.
 
+    The picture has the name of ``output`` with ``.png``; where that is one of the run's own
+    figures (``RUN/samples.png``, ``RUN/curves.png``) it is ``NAME-sampled.png`` instead.
+
     Returns:
         The paths of the ``.npy`` file and of the ``.png`` picture.
     """
@@ -127,11 +130,12 @@ def sample(
     if output.suffix != ".npy" or output.is_dir():
         what = "a folder" if output.is_dir() else repr(str(output))
         raise ConfigError(f"--output {output}: expected the name of a .npy file to write, got {what}")
-    model, config, shell, _ = _load_run(checkpoint_path, device)
+    model, config, shell, path = _load_run(checkpoint_path, device)
     torch.manual_seed(seed)
     x = _samples(model, shell, num, temperature)
     array = x.numpy().astype(np.uint8 if shell.kind == "image" and shell.preprocess.n_levels <= 256 else np.float32)  # type: ignore[union-attr]
-    picture = output.with_suffix(".png")
+    picture = _picture_path(output, path)
+    shell.columns = _columns(config) if shell.kind == "vector" else None
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         np.save(output, array)
@@ -151,5 +155,33 @@ def _positive_option(value: object, flag: str) -> int:
 
 
 def _checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint of a run folder (or the checkpoint itself); a data file or a folder without one is refused."""
     path = Path(path)
-    return path / "checkpoint.pt" if path.is_dir() else path
+    if path.is_dir():
+        if not (path / "checkpoint.pt").exists():
+            raise ConfigError(f"{path}: not a run folder (no checkpoint.pt in it); give the --out of pyro-nf train")
+        return path / "checkpoint.pt"
+    if is_data_file(str(path)):
+        raise ConfigError(
+            f"{path}: not a run folder but a data file; give the run folder (the --out of pyro-nf train) "
+            f"first, and the file as --data to score it (pyro-nf evaluate RUN --data {path})"
+        )
+    return path
+
+
+def _picture_path(output: Path, run: Path) -> Path:
+    """The picture beside ``output`` (same name, ``.png``), never one of the run's own figures."""
+    picture = output.with_suffix(".png")
+    if picture.resolve() in {(run.parent / name).resolve() for name in ("samples.png", "curves.png")}:
+        picture = output.with_name(f"{output.stem}-sampled.png")
+    return picture
+
+
+def _columns(config: TrainConfig) -> tuple[str, ...] | None:
+    """The feature names of a run on a CSV file with a header (None if it has none or is gone)."""
+    if Path(config.data).suffix.lower() != ".csv" or not Path(config.data).is_file():
+        return None
+    try:
+        return csv_columns(config.data)
+    except DataFileError:
+        return None

@@ -45,6 +45,11 @@ from pyro_nf.transforms.normalization import ActNorm, BatchNorm
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+__all__ = ["affine_autoregressive", "maf", "iaf", "conditional_maf", "conditional_iaf"]  # the factories first
+__all__ += ["ConditionedAutoregressive", "Autoregressive", "ConditionalAutoregressive"]
+__all__ += ["ConditionedAffineAutoregressive", "AffineAutoregressive", "ConditionalAffineAutoregressive"]
+__all__ += ["AutoregressiveOptions", "AffineAutoregressiveOptions", "autoregressive_stack"]
+
 Parallel = Literal["forward", "inverse"]
 
 
@@ -90,7 +95,12 @@ class ConditionedAutoregressive(FlowTransform):
         return (self.made, self.context)
 
     def _params(self, inputs: Tensor) -> Sequence[Tensor]:
-        return self.made(inputs, self.context).chunk(self.made.num_params, dim=-1)
+        return self._split(self.made(inputs, self.context))
+
+    def _split(self, raw: Tensor) -> Sequence[Tensor]:
+        """The MADE's ``P`` blocks of ``D`` outputs as ``P`` tensors."""
+        # unbind, not chunk: under torch.jit.trace the autodiff of a partly used chunk fails (the log-det reads alpha)
+        return raw.unflatten(-1, (self.made.num_params, self.made.input_dim)).unbind(-2)
 
     def _broadcast(self, v: Tensor) -> Tensor:
         """Expand ``v`` to the batch shape it shares with the context."""
@@ -127,7 +137,7 @@ class ConditionedAutoregressive(FlowTransform):
             return g(known, params)[0]
 
         out, raw = self.made.sequential(given, solve, self.context, self.sequential)
-        params = raw.chunk(self.made.num_params, dim=-1)
+        params = self._split(raw)
         base = given if forward else out  # the map's input, at which log g' is taken
         side = out if forward else given
         _, ladj = self.elementwise.forward(base, params) if forward else self.elementwise.inverse(side, params)

@@ -24,6 +24,12 @@ from pyro_nf.conditional import ConditionalFlowTransformModule
 from pyro_nf.core import FlowTransform
 from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, Scale
 
+__all__ = [
+    "conditional_latent_affine",
+    "ConditionedLatentAffine",
+    "ConditionalLatentAffine",
+]
+
 
 class ConditionedLatentAffine(FlowTransform):
     """The base-side affine map ``z = mu(c) + exp(alpha(c)) ⊙ eps`` of :class:`ConditionalLatentAffine` at one context.

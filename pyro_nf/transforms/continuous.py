@@ -70,6 +70,17 @@ from pyro_nf.transforms.ode import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+__all__ = [
+    "ffjord",
+    "conditional_ffjord",
+    "ConditionedFFJORD",
+    "FFJORD",
+    "ConditionalFFJORD",
+    "FFJORDOptions",
+    "VECTOR_FIELDS",
+    "default_ffjord_hidden_dims",
+]
+
 VectorField = ODENet | ConvODENet
 VECTOR_FIELDS: tuple[type[nn.Module], ...] = (ODENet, ConvODENet)
 """The vector fields an FFJORD transform accepts: over vectors ``(D,)`` or over images ``(C, H, W)``."""

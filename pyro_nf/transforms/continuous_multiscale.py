@@ -19,7 +19,7 @@ from pyro_nf.transforms.ode import split_solver_options
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["ffjord_multiscale"]
+__all__ = ["ffjord_multiscale", "MultiscaleFFJORDOptions"]
 
 
 class MultiscaleFFJORDOptions(FFJORDOptions, total=False):

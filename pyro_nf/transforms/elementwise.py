@@ -41,6 +41,18 @@ from torch import Tensor
 
 from pyro_nf.checks import check_choice
 
+__all__ = [
+    "ElementwiseMap",
+    "AffineMap",
+    "AffineOptions",
+    "AdditiveMap",
+    "Params",
+    "LOG_SCALE_BOUND",
+    "check_scale",
+    "shift_and_log_scale",
+    "affine_map",
+]
+
 Scale = Literal["softclamp", "gate"]
 SCALES: tuple[Scale, ...] = ("softclamp", "gate")
 Params = Sequence[Tensor] | Tensor

@@ -95,7 +95,12 @@ from pyro_nf.transforms.ode import SolveStatistics
 if TYPE_CHECKING:
     from pyro_nf.transforms.continuous import ConditionedFFJORD
 
-__all__ = ["BlockSegment", "block_segments", "flow_matching_loss", "ot_pairing"]
+__all__ = [
+    "block_segments",
+    "flow_matching_loss",
+    "ot_pairing",
+    "BlockSegment",
+]
 
 Path = Literal["linear", "cosine"]
 Coupling = Literal["independent", "ot"]

@@ -47,6 +47,16 @@ from pyro_nf.transforms.normalization import ActNorm
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+__all__ = [
+    "invertible_conv1x1",
+    "glow_step",
+    "glow",
+    "conditional_glow",
+    "InvertibleConv1x1",
+    "GlowStep",
+    "GlowOptions",
+]
+
 _IMAGE = constraints.independent(constraints.real, 3)
 
 

@@ -30,6 +30,17 @@ from pyro_nf.nn.conv import NORMS, GlowNet, Norm, ResNet, ZeroConv2d
 from pyro_nf.transforms.coupling import Coupling
 from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AdditiveMap, AffineMap, ElementwiseMap, Scale
 
+__all__ = [
+    "image_coupling",
+    "prior_coupling",
+    "ChannelSplit",
+    "CheckerboardSplit",
+    "ImageCoupling",
+    "checkerboard",
+    "channel_split",
+    "image_map",
+]
+
 CouplingKind = Literal["affine", "additive"]
 ImageMask = Literal["channel", "checkerboard"]
 Network = Literal["glow", "resnet"]

@@ -35,6 +35,13 @@ from torch.distributions import constraints
 from pyro_nf.checks import check_image_shape, check_positive_int
 from pyro_nf.core import FlowTransformModule
 
+__all__ = [
+    "batch_norm",
+    "actnorm",
+    "BatchNorm",
+    "ActNorm",
+]
+
 
 class BatchNorm(FlowTransformModule):
     """Invertible batch normalization over a vector event of size ``input_dim``.

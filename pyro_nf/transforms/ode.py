@@ -21,6 +21,15 @@ from torchdiffeq import odeint, odeint_adjoint
 from pyro_nf.checks import check_choice
 from pyro_nf.nn.divergence import NOISES, TRACES, AugmentedDynamics, Noise, Trace
 
+__all__ = [
+    "ODEOptions",
+    "EndTime",
+    "SolveStatistics",
+    "SolverOptions",
+    "EXACT_TRACE_MAX_DIM",
+    "split_solver_options",
+]
+
 ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_GRID_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun3", "rk4")
 SOLVERS: tuple[str, ...] = ADAPTIVE_SOLVERS + FIXED_GRID_SOLVERS
@@ -148,6 +157,13 @@ class ODEOptions:
         solvers control the error of ``z`` and the log-det only (:func:`_state_norm`); the
         adjoint solve uses the seminorm unless ``adjoint_norm="mixed"``.
         """
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                "a continuous flow cannot be traced (torch.jit.trace, Pyro's JitTrace_ELBO and "
+                "JitTraceMeanField_ELBO): its ODE solve takes as many steps as the error control asks "
+                "and its divergence calls torch.autograd.grad, neither of which a trace records; "
+                "use Trace_ELBO / TraceMeanField_ELBO with it, or a MAF, IAF or RealNVP under JIT"
+            )
         options: dict[str, Any]
         adjoint_options: dict[str, Any]
         if settings.step_size is not None:

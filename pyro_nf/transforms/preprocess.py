@@ -44,6 +44,14 @@ from torch.distributions import constraints
 from pyro_nf.checks import validation_enabled
 from pyro_nf.core import FlowTransformModule
 
+__all__ = [
+    "reduce_bits",
+    "dequantize",
+    "logit",
+    "Logit",
+    "quantize",
+]
+
 
 def _check_levels(x: Tensor, n_levels: int, name: str) -> None:
     if isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 2:

@@ -44,6 +44,18 @@ from pyro_nf.conditional import ConditionalFlowStack, ConditionalFlowTransformMo
 from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule
 from pyro_nf.nn.nets import MLP
 
+__all__ = [
+    "sylvester",
+    "exact_sylvester",
+    "conditional_sylvester",
+    "ExactSylvester",
+    "ConditionedSylvester",
+    "ConditionalSylvester",
+    "HouseholderSylvester",
+    "DEFAULT_SYLVESTER_LAYERS",
+    "DEFAULT_HOUSEHOLDER",
+]
+
 DEFAULT_SYLVESTER_LAYERS = 4
 """Number of layers of a Sylvester flow when ``num_transforms`` is not given."""
 DEFAULT_HOUSEHOLDER = 8
