@@ -89,8 +89,12 @@ class ConditionedAutoregressive(FlowTransform):
     def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
         return (self.made, self.context)
 
-    def _params(self, inputs: Tensor) -> Sequence[Tensor]:
-        return self.made(inputs, self.context).chunk(self.made.num_params, dim=-1)
+    def _params(self, inputs: Tensor) -> Tensor:
+        return self._layout(self.made(inputs, self.context))
+
+    def _layout(self, raw: Tensor) -> Tensor:
+        """The MADE's output ``(..., P * D)`` as the map's parameters ``(P, ..., D)``: a view, no copy."""
+        return raw.unflatten(-1, (self.made.num_params, self.made.input_dim)).movedim(-2, 0)
 
     def _broadcast(self, v: Tensor) -> Tensor:
         """Expand ``v`` to the batch shape it shares with the context."""
@@ -127,7 +131,7 @@ class ConditionedAutoregressive(FlowTransform):
             return g(known, params)[0]
 
         out, raw = self.made.sequential(given, solve, self.context, self.sequential)
-        params = raw.chunk(self.made.num_params, dim=-1)
+        params = self._layout(raw)
         base = given if forward else out  # the map's input, at which log g' is taken
         side = out if forward else given
         _, ladj = self.elementwise.forward(base, params) if forward else self.elementwise.inverse(side, params)
