@@ -47,7 +47,7 @@ from torch.distributions import Transform
 
 from pyro_nf.registry import flow_factory
 
-FlowName = Literal["iaf", "maf", "realnvp", "ffjord"]
+FlowName = Literal["iaf", "maf", "realnvp", "ffjord", "nsf", "nsf-coupling"]
 
 
 class AutoFlow(AutoContinuous):
@@ -61,7 +61,9 @@ class AutoFlow(AutoContinuous):
         flow: ``"iaf"`` (default: sampling and the density of its own samples in
             one network pass per layer, what SVI asks of a guide), ``"maf"``
             (sampling sequential in D), ``"realnvp"`` (both directions in one
-            pass) or ``"ffjord"`` (a continuous flow); any vector flow of :data:`pyro_nf.registry.FLOWS`.
+            pass), ``"ffjord"`` (a continuous flow), ``"nsf"`` (a neural spline flow; give
+            ``parallel="forward"`` to sample in one pass) or ``"nsf-coupling"``; any vector flow of
+            :data:`pyro_nf.registry.FLOWS`.
         hidden_dims: hidden widths of each layer's network (the factory's default when None).
         num_transforms: number of flow layers (the factory's default when None).
         init_loc_fn: per-site initialisation of the location (see :mod:`pyro.infer.autoguide.initialization`).

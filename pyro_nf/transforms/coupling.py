@@ -134,7 +134,7 @@ class CouplingSplit(nn.Module):
         for name, index in zip(("kept_index", "moved_index", "restore_index"), split_indices(kept)):
             self.register_buffer(name, index)
         self.input_dim = kept.numel()
-        self.input_shape = (self.input_dim,)
+        self.input_shape: tuple[int, ...] = (self.input_dim,)
         self.block = contiguous_split(kept)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
