@@ -143,8 +143,8 @@ class RationalQuadraticSpline:
         """``(x, y, delta)`` at the knots, each ``(K + 1, *s)``, from ``raw`` of shape ``(3K - 1, *s)``."""
         k = self.bins
         one = raw.new_ones(()).expand(1, *raw.shape[1:])
-        ds = torch.cat([one, self._derivative(raw[2 * k :]), one])
-        return self._edges(raw[:k], self.min_width), self._edges(raw[k : 2 * k], self.min_height), ds
+        xs, ys = self._edges(raw)
+        return xs, ys, torch.cat([one, self._derivative(raw[2 * k :]), one])
 
     def knots(self, params: Params) -> tuple[Tensor, Tensor, Tensor]:
         """``(x, y, delta)`` at the ``K + 1`` knots, each of shape ``(*s, K + 1)``, from the ``3K - 1`` raw parameters.
@@ -154,21 +154,27 @@ class RationalQuadraticSpline:
         xs, ys, ds = self._knots(self._raw(params))
         return xs.movedim(0, -1), ys.movedim(0, -1), ds.movedim(0, -1)
 
-    def _edges(self, logits: Tensor, minimum: float) -> Tensor:
-        """Knot positions ``-B, ..., B`` (the last exactly ``B``), ``(K + 1, *s)``, from ``K`` logits ``(K, *s)``."""
-        b = self.bound
-        fractions = minimum + (1.0 - self.bins * minimum) * F.softmax(logits, dim=0)
-        inner = b * (2.0 * fractions[:-1].cumsum(dim=0) - 1.0)
-        end = logits.new_ones(()).expand(1, *logits.shape[1:])
-        return torch.cat([-b * end, inner, b * end])
+    def _edges(self, raw: Tensor) -> Tensor:
+        """Knot positions ``-B, ..., B`` (the last exactly ``B``) of x and of y, ``(2, K + 1, *s)``, from the logits.
+
+        The widths and the heights go through one softmax and one cumulative sum.
+        """
+        k, b = self.bins, self.bound
+        logits = raw[: 2 * k].unflatten(0, (2, k))
+        minimum: float | Tensor = self.min_width
+        if self.min_height != self.min_width:
+            minimum = raw.new_tensor([self.min_width, self.min_height]).view(2, *(1,) * (logits.dim() - 1))
+        fractions = minimum + (1.0 - k * minimum) * F.softmax(logits, dim=1)
+        inner = b * (2.0 * fractions[:, :-1].cumsum(dim=1) - 1.0)
+        end = raw.new_full((), b).expand(2, 1, *raw.shape[1:])
+        return torch.cat([-end, inner, end], dim=1)
 
     @staticmethod
-    def _log_derivative(z: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> tuple[Tensor, Tensor]:
-        """``(beta(xi), log g')`` at ``xi = z`` (eq. 5 of [1])."""
-        z1 = 1.0 - z
-        zz = z * z1
-        beta = s * (z * z + z1 * z1) + (d0 + d1) * zz
-        numerator = d1 * z * z + 2.0 * s * zz + d0 * z1 * z1
+    def _log_derivative(z: Tensor, z1: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> tuple[Tensor, Tensor]:
+        """``(beta(xi), log g')`` at ``xi = z``, ``z1 = 1 - z`` (eq. 5 of [1])."""
+        zz, z2, z12 = z * z1, z * z, z1 * z1
+        beta = s * (z2 + z12) + (d0 + d1) * zz
+        numerator = d1 * z2 + 2.0 * s * zz + d0 * z12
         return beta, numerator.log() + 2.0 * (s.log() - beta.log())
 
     def _locate(self, v: Tensor, params: Params, side: int) -> tuple[Tensor, ...]:
@@ -176,40 +182,41 @@ class RationalQuadraticSpline:
 
         The bin is looked up among the x knots (``side=0``) or the y knots (``side=1``): it is the
         number of interior knots ``<= v`` (a point on a knot starts the bin to its right; ``B`` falls in
-        the last bin), ``K - 1`` comparisons per element. Only the two derivatives at the bin's ends are
-        computed.
+        the last bin), ``K - 1`` comparisons per element. The ends of the bin are gathered in one call,
+        and only the two derivatives there are computed: few operations per call, which is what the
+        sequential direction's ``D`` small steps pay for.
         """
         raw = self._raw(params)
         k = self.bins
         vc = v.clamp(-self.bound, self.bound)
         shape = torch.broadcast_shapes(v.shape, raw.shape[1:])
+        lead = (1,) * (len(shape) + 1 - raw.dim())  # aligns the parameters' element shape to the right
 
-        def aligned(t: Tensor) -> Tensor:  # (rows, *s) -> (rows, *shape), a view
-            return t.reshape(t.shape[0], *(1,) * (len(shape) + 1 - t.dim()), *t.shape[1:]).expand(-1, *shape)
-
-        xs = aligned(self._edges(raw[:k], self.min_width))
-        ys = aligned(self._edges(raw[k : 2 * k], self.min_height))
-        idx = ((xs, ys)[side][1:-1] <= vc).sum(0, keepdim=True)
-        x0, x1 = xs.gather(0, idx).squeeze(0), xs.gather(0, idx + 1).squeeze(0)
-        y0, y1 = ys.gather(0, idx).squeeze(0), ys.gather(0, idx + 1).squeeze(0)
-        # delta_0 = delta_K = 1; the interior delta_j reads raw derivative j - 1
-        r = aligned(raw[2 * k :])
-        d0 = torch.where(idx == 0, 1.0, self._derivative(r.gather(0, (idx - 1).clamp_min(0)))).squeeze(0)
-        d1 = torch.where(idx == k - 1, 1.0, self._derivative(r.gather(0, idx.clamp_max(k - 2)))).squeeze(0)
-        dx, dy = x1 - x0, y1 - y0
+        knots = self._edges(raw)
+        knots = knots.reshape(2, k + 1, *lead, *raw.shape[1:]).expand(2, k + 1, *shape)
+        idx = (knots[side, 1:-1] <= vc).sum(0, keepdim=True)
+        ends = torch.cat([idx, idx + 1])  # the bin's two knots
+        (x0, x1), (y0, y1) = knots.gather(1, ends.expand(2, *ends.shape))
+        # delta_0 = delta_K = 1; an interior delta_j reads raw derivative j - 1
+        r = raw[2 * k :].reshape(k - 1, *lead, *raw.shape[1:]).expand(k - 1, *shape)
+        delta = self._derivative(r.gather(0, (ends - 1).clamp(0, k - 2)))
+        d0, d1 = torch.where((ends == 0) | (ends == k), 1.0, delta)
+        dy = y1 - y0
+        dx = x1 - x0
         return vc, x0, dx, y0, dy, d0, d1, dy / dx
 
-    def _outside(self, v: Tensor, inside_value: Tensor, ladj: Tensor) -> tuple[Tensor, Tensor]:
-        """The identity with ``log g' = 0`` outside ``[-B, B]``."""
-        inside = (v >= -self.bound) & (v <= self.bound)
+    def _outside(self, v: Tensor, vc: Tensor, inside_value: Tensor, ladj: Tensor) -> tuple[Tensor, Tensor]:
+        """The identity with ``log g' = 0`` outside ``[-B, B]`` (where the clamped ``vc`` differs from ``v``)."""
+        inside = vc == v
         return torch.where(inside, inside_value, v), torch.where(inside, ladj, 0.0)
 
     def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """``(g(x), log g'(x))`` element-wise (eqs. 4 and 5 of [1]); the identity with ``log g' = 0`` outside."""
         xc, x0, dx, y0, dy, d0, d1, s = self._locate(x, params, 0)
         z = (xc - x0) / dx
-        beta, ladj = self._log_derivative(z, s, d0, d1)
-        return self._outside(x, y0 + dy * z * (s * z + d0 * (1.0 - z)) / beta, ladj)
+        z1 = 1.0 - z
+        beta, ladj = self._log_derivative(z, z1, s, d0, d1)
+        return self._outside(x, xc, y0 + dy * z * (s * z + d0 * z1) / beta, ladj)
 
     def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """``(x, log g'(x))`` with ``x = g^{-1}(y)``, the root of the bin's quadratic (eqs. 6-8 of [1])."""
@@ -222,8 +229,8 @@ class RationalQuadraticSpline:
         positive = qb >= 0
         z = torch.where(positive, 2.0 * ts, root - qb) / torch.where(positive, qb + root, 2.0 * qa)
         z = z + (z.clamp(0.0, 1.0) - z).detach()  # the clamp mends rounding only: keep the root's gradient
-        _, ladj = self._log_derivative(z, s, d0, d1)
-        return self._outside(y, x0 + z * dx, ladj)
+        _, ladj = self._log_derivative(z, 1.0 - z, s, d0, d1)
+        return self._outside(y, yc, x0 + z * dx, ladj)
 
 
 class SplineOptions(TypedDict, total=False):
