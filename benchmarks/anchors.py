@@ -220,7 +220,6 @@ def _normflows(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: 
 
 # -- Pyro 1.9 built-ins --------------------------------------------------------------------------------------
 def _pyro(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
-    import pyro.distributions as dist
     from pyro.distributions.transforms import AffineAutoregressive, AffineCoupling, Permute
     from pyro.nn import AutoRegressiveNN, DenseNN
 
@@ -247,6 +246,14 @@ def _pyro(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) 
             transforms.append(layer.inv if flow == "MAF" else layer)
     if flow == "MAF":
         transforms.reverse()  # the inverse of a stack runs its layers in reverse order
+    return _pyro_model(flow, dim, modules, transforms, flow != "IAF", flow != "MAF")
+
+
+def _pyro_model(
+    flow: str, dim: int, modules: nn.ModuleList, transforms: list, density_parallel: bool, sampling_parallel: bool
+) -> Model:
+    """Pyro's transforms over a standard Normal base, behind the common interface."""
+    import pyro.distributions as dist
 
     def distribution() -> dist.TransformedDistribution:
         zeros = next(modules.parameters()).new_zeros(dim)  # the base follows the modules' device and dtype
@@ -259,8 +266,8 @@ def _pyro(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) 
         modules,
         lambda x: distribution().log_prob(x),
         lambda n: distribution().sample((n,)),
-        flow != "IAF",
-        flow != "MAF",
+        density_parallel,
+        sampling_parallel,
     )
 
 
@@ -325,7 +332,6 @@ def _zuko_spline(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms
 
 
 def _pyro_spline(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
-    import pyro.distributions as dist
     from pyro.distributions.transforms import Permute, SplineAutoregressive, SplineCoupling
     from pyro.nn import AutoRegressiveNN, DenseNN
 
@@ -357,21 +363,7 @@ def _pyro_spline(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms
             transforms.append(layer.inv if flow == "NSF" else layer)
     if flow == "NSF":
         transforms.reverse()  # the inverse of a stack runs its layers in reverse order
-
-    def distribution() -> dist.TransformedDistribution:
-        zeros = next(modules.parameters()).new_zeros(dim)
-        return dist.TransformedDistribution(dist.Normal(zeros, 1.0).to_event(1), transforms)
-
-    return Model(
-        "pyro",
-        flow,
-        dim,
-        modules,
-        lambda x: distribution().log_prob(x),
-        lambda n: distribution().sample((n,)),
-        flow != "NSF-IAF",
-        flow != "NSF",
-    )
+    return _pyro_model(flow, dim, modules, transforms, flow != "NSF-IAF", flow != "NSF")
 
 
 _BUILDERS = {"pyro_nf": _pyro_nf, "zuko": _zuko, "nflows": _nflows, "normflows": _normflows, "pyro": _pyro}

@@ -141,9 +141,9 @@ class RationalQuadraticSpline:
 
     def _knots(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(x, y, delta)`` at the knots, each ``(K + 1, *s)``, from ``raw`` of shape ``(3K - 1, *s)``."""
-        k = self.bins
+        k, b = self.bins, self.bound
         one = raw.new_ones(()).expand(1, *raw.shape[1:])
-        xs, ys = self._edges(raw)
+        xs, ys = (torch.cat([-b * one, inner, b * one]) for inner in self._interior(raw))
         return xs, ys, torch.cat([one, self._derivative(raw[2 * k :]), one])
 
     def knots(self, params: Params) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,20 +154,20 @@ class RationalQuadraticSpline:
         xs, ys, ds = self._knots(self._raw(params))
         return xs.movedim(0, -1), ys.movedim(0, -1), ds.movedim(0, -1)
 
-    def _edges(self, raw: Tensor) -> Tensor:
-        """Knot positions ``-B, ..., B`` (the last exactly ``B``) of x and of y, ``(2, K + 1, *s)``, from the logits.
+    def _interior(self, raw: Tensor) -> Tensor:
+        """The ``K - 1`` interior knots of x and of y, ``(2, K - 1, *s)``, from the width and height logits.
 
-        The widths and the heights go through one softmax and one cumulative sum.
+        The knots between are ``-B`` and ``B`` exactly. The widths and the heights go through one softmax
+        and one cumulative sum, and only the interior knots are written out.
         """
         k, b = self.bins, self.bound
         logits = raw[: 2 * k].unflatten(0, (2, k))
-        minimum: float | Tensor = self.min_width
-        if self.min_height != self.min_width:
+        if self.min_height == self.min_width:
+            fractions = F.softmax(logits, dim=1).mul(1.0 - k * self.min_width).add_(self.min_width)
+        else:
             minimum = raw.new_tensor([self.min_width, self.min_height]).view(2, *(1,) * (logits.dim() - 1))
-        fractions = minimum + (1.0 - k * minimum) * F.softmax(logits, dim=1)
-        inner = b * (2.0 * fractions[:, :-1].cumsum(dim=1) - 1.0)
-        end = raw.new_full((), b).expand(2, 1, *raw.shape[1:])
-        return torch.cat([-end, inner, end], dim=1)
+            fractions = minimum + (1.0 - k * minimum) * F.softmax(logits, dim=1)
+        return fractions[:, :-1].cumsum(dim=1).mul_(2.0 * b).sub_(b)
 
     @staticmethod
     def _log_derivative(z: Tensor, z1: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,20 +187,23 @@ class RationalQuadraticSpline:
         sequential direction's ``D`` small steps pay for.
         """
         raw = self._raw(params)
-        k = self.bins
-        vc = v.clamp(-self.bound, self.bound)
+        k, b = self.bins, self.bound
+        vc = v.clamp(-b, b)
         shape = torch.broadcast_shapes(v.shape, raw.shape[1:])
         lead = (1,) * (len(shape) + 1 - raw.dim())  # aligns the parameters' element shape to the right
 
-        knots = self._edges(raw)
-        knots = knots.reshape(2, k + 1, *lead, *raw.shape[1:]).expand(2, k + 1, *shape)
-        idx = (knots[side, 1:-1] <= vc).sum(0, keepdim=True)
-        ends = torch.cat([idx, idx + 1])  # the bin's two knots
-        (x0, x1), (y0, y1) = knots.gather(1, ends.expand(2, *ends.shape))
-        # delta_0 = delta_K = 1; an interior delta_j reads raw derivative j - 1
+        inner = self._interior(raw)
+        inner = inner.reshape(2, k - 1, *lead, *raw.shape[1:]).expand(2, k - 1, *shape)
+        idx = (inner[side] <= vc).sum(0, keepdim=True)
+        # the bin's two knots as interior indices: -1 is the knot -B, K - 1 the knot B
+        ends = torch.cat([idx - 1, idx])
+        inside = ends.clamp(0, k - 2)
+        (x0, x1), (y0, y1) = torch.where(
+            ends < 0, -b, torch.where(ends > k - 2, b, inner.gather(1, inside.expand(2, *ends.shape)))
+        )
+        # delta_0 = delta_K = 1; interior knot j (index j - 1) reads raw derivative j - 1
         r = raw[2 * k :].reshape(k - 1, *lead, *raw.shape[1:]).expand(k - 1, *shape)
-        delta = self._derivative(r.gather(0, (ends - 1).clamp(0, k - 2)))
-        d0, d1 = torch.where((ends == 0) | (ends == k), 1.0, delta)
+        d0, d1 = torch.where((ends < 0) | (ends > k - 2), 1.0, self._derivative(r.gather(0, inside)))
         dy = y1 - y0
         dx = x1 - x0
         return vc, x0, dx, y0, dy, d0, d1, dy / dx
