@@ -19,6 +19,11 @@ Directions, in pyro_nf's naming (forward maps base noise to data):
 How each library's classes map onto these names is written next to each
 builder; a mapping was checked by reading the library's source, and
 :func:`check_directions` re-checks it by counting network calls.
+
+The neural spline flows (:data:`SPLINE_FLOWS`, rational-quadratic splines of 8 bins on
+``[-5, 5]``, identity outside) are built in the libraries that have them
+(:data:`SPLINE_LIBRARIES`): ``"NSF"`` autoregressive in the MAF direction, ``"NSF-IAF"`` in
+the IAF direction, ``"NSF-coupling"`` coupling layers.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from torch import Tensor, nn
 
 LIBRARIES: tuple[str, ...] = ("pyro_nf", "zuko", "nflows", "normflows", "pyro")
 FLOWS: tuple[str, ...] = ("MAF", "IAF", "RealNVP")
+SPLINE_LIBRARIES: tuple[str, ...] = ("pyro_nf", "zuko", "pyro")
+SPLINE_FLOWS: tuple[str, ...] = ("NSF", "NSF-IAF", "NSF-coupling")
+SPLINE_BINS, SPLINE_BOUND = 8, 5.0
 
 
 @dataclass
@@ -48,6 +56,7 @@ class Model:
     sample: Callable[[int], Tensor]
     density_parallel: bool
     sampling_parallel: bool
+    sampling_passes: int = 1  # network passes of a parallel sampling direction (zuko's coupling: 2)
 
 
 def _mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int) -> nn.Sequential:
@@ -211,7 +220,6 @@ def _normflows(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: 
 
 # -- Pyro 1.9 built-ins --------------------------------------------------------------------------------------
 def _pyro(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
-    import pyro.distributions as dist
     from pyro.distributions.transforms import AffineAutoregressive, AffineCoupling, Permute
     from pyro.nn import AutoRegressiveNN, DenseNN
 
@@ -238,6 +246,14 @@ def _pyro(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) 
             transforms.append(layer.inv if flow == "MAF" else layer)
     if flow == "MAF":
         transforms.reverse()  # the inverse of a stack runs its layers in reverse order
+    return _pyro_model(flow, dim, modules, transforms, flow != "IAF", flow != "MAF")
+
+
+def _pyro_model(
+    flow: str, dim: int, modules: nn.ModuleList, transforms: list, density_parallel: bool, sampling_parallel: bool
+) -> Model:
+    """Pyro's transforms over a standard Normal base, behind the common interface."""
+    import pyro.distributions as dist
 
     def distribution() -> dist.TransformedDistribution:
         zeros = next(modules.parameters()).new_zeros(dim)  # the base follows the modules' device and dtype
@@ -250,12 +266,108 @@ def _pyro(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) 
         modules,
         lambda x: distribution().log_prob(x),
         lambda n: distribution().sample((n,)),
-        flow != "IAF",
-        flow != "MAF",
+        density_parallel,
+        sampling_parallel,
     )
 
 
+# -- neural spline flows ---------------------------------------------------------------------------------------
+def _pyro_nf_spline(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
+    from pyro_nf import FlowModel
+    from pyro_nf.transforms import nsf
+
+    # nsf: autoregressive, parallel="inverse" (density in one MADE pass); parallel="forward" the IAF direction;
+    # coupling=True: spline couplings with contiguous-half masks alternating between layers.
+    options = {"NSF": {}, "NSF-IAF": {"parallel": "forward"}, "NSF-coupling": {"coupling": True}}[flow]
+    spline = {"bins": SPLINE_BINS, "bound": SPLINE_BOUND}
+    model = FlowModel(nsf(dim, list(hidden_dims), num_transforms, **spline, **options), (dim,))  # type: ignore[arg-type]
+    return Model(
+        "pyro_nf", flow, dim, model, model.log_prob, lambda n: model.sample((n,)), flow != "NSF-IAF", flow != "NSF"
+    )
+
+
+def _zuko_spline(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
+    import zuko
+    from zuko.distributions import DiagNormal
+    from zuko.flows import Flow, LazyInverse, MaskedAutoregressiveTransform, UnconditionalDistribution
+    from zuko.transforms import MonotonicRQSTransform
+
+    # zuko.flows.NSF is its MAF with MonotonicRQSTransform (bound 5): density in one MaskedMLP pass, sampling
+    # D passes (D + 1 for the log-det). passes=2 makes it a coupling flow: the first half of the order gets
+    # an unconditioned spline, the second half a spline conditioned on the first; sampling then costs two
+    # passes. The IAF direction is LazyInverse of each layer, as for the affine IAF.
+    kwargs = {"hidden_features": list(hidden_dims), "bins": SPLINE_BINS}
+    if flow == "NSF":
+        model: nn.Module = zuko.flows.NSF(dim, transforms=num_transforms, **kwargs)
+    elif flow == "NSF-coupling":
+        model = zuko.flows.NSF(dim, transforms=num_transforms, passes=2, **kwargs)
+    else:
+        orders = [torch.arange(dim), torch.arange(dim).flip(0)]
+        shapes = [(SPLINE_BINS,), (SPLINE_BINS,), (SPLINE_BINS - 1,)]
+        layers = [
+            LazyInverse(
+                MaskedAutoregressiveTransform(
+                    dim,
+                    order=orders[i % 2],
+                    univariate=MonotonicRQSTransform,
+                    shapes=shapes,
+                    hidden_features=list(hidden_dims),
+                )
+            )
+            for i in range(num_transforms)
+        ]
+        base = UnconditionalDistribution(DiagNormal, torch.zeros(dim), torch.ones(dim), buffer=True)
+        model = Flow(layers, base)
+    return Model(
+        "zuko",
+        flow,
+        dim,
+        model,
+        lambda x: model().log_prob(x),
+        lambda n: model().sample((n,)),
+        flow != "NSF-IAF",
+        flow != "NSF",
+        sampling_passes=2 if flow == "NSF-coupling" and dim > 1 else 1,
+    )
+
+
+def _pyro_spline(flow: str, dim: int, hidden_dims: Sequence[int], num_transforms: int) -> Model:
+    from pyro.distributions.transforms import Permute, SplineAutoregressive, SplineCoupling
+    from pyro.nn import AutoRegressiveNN, DenseNN
+
+    # Pyro's spline transforms map base -> data with order="quadratic" (the rational-quadratic spline; its
+    # default "linear" is a rational-linear one). SplineAutoregressive computes forward with one
+    # AutoRegressiveNN pass and _inverse with D passes: an IAF; its .inv is the MAF, as for the affine flows.
+    # SplineCoupling keeps the first floor(D/2) entries (and puts an unconditioned spline on them) with a
+    # DenseNN conditioner; a reversing Permute goes between layers. The networks emit the three parameter
+    # groups of order="quadratic" (widths, heights, interior derivatives).
+    k, bound = SPLINE_BINS, SPLINE_BOUND
+    modules = nn.ModuleList()
+    transforms: list = []
+    reverse = torch.arange(dim).flip(0)
+    for i in range(num_transforms):
+        if flow == "NSF-coupling":
+            if i > 0:
+                transforms.append(Permute(reverse))
+            split = dim // 2
+            moved = dim - split
+            net = DenseNN(split, list(hidden_dims), [moved * k, moved * k, moved * (k - 1)])
+            layer = SplineCoupling(dim, split, net, count_bins=k, bound=bound, order="quadratic")
+            modules.append(layer)
+            transforms.append(layer)
+        else:
+            order = torch.arange(dim) if i % 2 == 0 else reverse
+            arn = AutoRegressiveNN(dim, list(hidden_dims), param_dims=[k, k, k - 1], permutation=order)
+            layer = SplineAutoregressive(dim, arn, count_bins=k, bound=bound, order="quadratic")
+            modules.append(layer)
+            transforms.append(layer.inv if flow == "NSF" else layer)
+    if flow == "NSF":
+        transforms.reverse()  # the inverse of a stack runs its layers in reverse order
+    return _pyro_model(flow, dim, modules, transforms, flow != "NSF-IAF", flow != "NSF")
+
+
 _BUILDERS = {"pyro_nf": _pyro_nf, "zuko": _zuko, "nflows": _nflows, "normflows": _normflows, "pyro": _pyro}
+_SPLINE_BUILDERS = {"pyro_nf": _pyro_nf_spline, "zuko": _zuko_spline, "pyro": _pyro_spline}
 
 
 def build(
@@ -268,13 +380,14 @@ def build(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> Model:
-    """Build ``flow`` (``"MAF"``, ``"IAF"`` or ``"RealNVP"``) over ``dim`` inputs in ``library``, on ``device``."""
-    if library not in _BUILDERS:
-        raise ValueError(f"library: expected one of {LIBRARIES}, got {library!r}")
-    if flow not in FLOWS:
-        raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
+    """Build ``flow`` (of :data:`FLOWS` or :data:`SPLINE_FLOWS`) over ``dim`` inputs in ``library``, on ``device``."""
+    builders = _SPLINE_BUILDERS if flow in SPLINE_FLOWS else _BUILDERS
+    if flow not in FLOWS + SPLINE_FLOWS:
+        raise ValueError(f"flow: expected one of {FLOWS + SPLINE_FLOWS}, got {flow!r}")
+    if library not in builders:
+        raise ValueError(f"library: expected one of {tuple(builders)} for {flow}, got {library!r}")
     torch.manual_seed(seed)
-    model = _BUILDERS[library](flow, dim, tuple(hidden_dims), num_transforms)
+    model = builders[library](flow, dim, tuple(hidden_dims), num_transforms)
     model.module.to(device)
     return model
 
@@ -301,17 +414,22 @@ def check_directions(model: Model) -> None:
     """Raise ``AssertionError`` if a model's cheap directions are not the ones its flow name promises.
 
     Counts the calls of the first layer's first linear map during ``log_prob`` and ``sample``: one call
-    means that direction is parallel; a sequential direction makes ``D`` or more full passes (zuko adds one
-    for the log-det), or none at all where the solver works on slices of the weights (pyro_nf's
+    means that direction is parallel (``model.sampling_passes`` calls for a parallel sampling that takes a
+    fixed number of passes, zuko's coupling); a sequential direction makes ``D`` or more full passes (zuko
+    adds one for the log-det), or none at all where the solver works on slices of the weights (pyro_nf's
     incremental MADE solve). Needs ``model.dim >= 2``.
     """
     x = torch.randn(3, model.dim)
     calls = {
-        "density": (_count_linear_calls(model.module, lambda: model.log_prob(x)), model.density_parallel),
-        "sampling": (_count_linear_calls(model.module, lambda: model.sample(3)), model.sampling_parallel),
+        "density": (_count_linear_calls(model.module, lambda: model.log_prob(x)), model.density_parallel, 1),
+        "sampling": (
+            _count_linear_calls(model.module, lambda: model.sample(3)),
+            model.sampling_parallel,
+            model.sampling_passes,
+        ),
     }
-    for direction, (count, parallel) in calls.items():
-        if (count == 1) != parallel or (not parallel and 0 < count < model.dim):
+    for direction, (count, parallel, passes) in calls.items():
+        if (count == passes) != parallel or (not parallel and 0 < count < model.dim):
             expected = "1 pass" if parallel else f"at least {model.dim} passes"
             raise AssertionError(f"{model.library} {model.flow} {direction}: expected {expected}, got {count}")
 

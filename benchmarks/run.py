@@ -233,9 +233,9 @@ class _Target:
         return -float(log_q.double().mean())
 
 
-def _fit(model: Model, target: _Target, cfg: Config, test: Tensor) -> tuple[float, float]:
+def _fit(model: Model, target: _Target, cfg: Config, test: Tensor, seed: int = 1) -> tuple[float, float]:
     optimizer = torch.optim.Adam(model.module.parameters(), lr=cfg.quality_lr)
-    generator = torch.Generator().manual_seed(1)  # the same data stream for every library
+    generator = torch.Generator().manual_seed(seed)  # the same data stream for every library
     start = time.perf_counter()
     for step in range(cfg.quality_steps):
         loss = -model.log_prob(target.sample(cfg.quality_batch, generator)).mean()

@@ -12,6 +12,11 @@ repeats is reported. 5 layers, MADE hidden widths [256, 256], D = 8 and 64, 2 th
 Rows: pyro_nf with ``sequential="incremental"`` (the default), pyro_nf with ``sequential="reference"``
 (``D`` MADE passes), zuko, nflows, normflows and Pyro's built-ins (built by ``benchmarks/anchors.py``).
 
+``--family spline`` measures the same columns for the neural spline flows (rational-quadratic splines, 8 bins
+on ``[-5, 5]``): pyro_nf's ``nsf`` in the MAF direction (``parallel="inverse"``) and in the IAF direction
+(``parallel="forward"``), against zuko's ``NSF`` and Pyro's ``SplineAutoregressive`` (the libraries that have
+them), and writes its tables into ``docs/families/splines.md``.
+
 With ``--device cuda`` everything runs on the GPU (timed calls end with a synchronisation) and one
 more row is added: pyro_nf incremental with each call recorded once in a CUDA graph and replayed
 (:mod:`pyro_nf.graphs`), which removes the launch overhead of the ``D`` small steps.
@@ -43,7 +48,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from anchors import Model, build, interleaved_median_seconds  # noqa: E402
 
 from pyro_nf import FlowModel  # noqa: E402
-from pyro_nf.transforms import iaf, maf  # noqa: E402
+from pyro_nf.transforms import iaf, maf, nsf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "families" / "fast-sequential.md"
@@ -51,6 +56,27 @@ START, END = "<!-- sequential-benchmark:start -->", "<!-- sequential-benchmark:e
 ROWS = ("pyro_nf incremental", "pyro_nf reference", "zuko", "nflows", "normflows", "pyro")
 GRAPHED = "pyro_nf incremental, CUDA graph"
 COLUMNS = ("MAF sample", "MAF log_prob", "IAF log_prob", "IAF sample", "IAF train step", "MAF train step")
+
+
+@dataclass(frozen=True)
+class Family:
+    """The rows of one family of flows, the anchors' names of its two directions, and where its tables go."""
+
+    rows: tuple[str, ...]
+    flows: dict[str, str]  # "MAF" / "IAF" (the direction) -> the flow's name in benchmarks/anchors.py
+    doc: Path
+    markers: tuple[str, str]
+
+
+FAMILIES = {
+    "affine": Family(ROWS, {"MAF": "MAF", "IAF": "IAF"}, DOC, (START, END)),
+    "spline": Family(
+        ("pyro_nf incremental", "pyro_nf reference", "zuko", "pyro"),
+        {"MAF": "NSF", "IAF": "NSF-IAF"},
+        ROOT / "docs" / "families" / "splines.md",
+        ("<!-- spline-sequential-benchmark:start -->", "<!-- spline-sequential-benchmark:end -->"),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -66,14 +92,20 @@ class Config:
     repeats: int = 5
     threads: int = 2
     device: str = "cpu"
+    family: str = "affine"
 
 
 SMOKE = Config(dims=(4,), hidden_dims=(16, 16), num_transforms=2, points=64, batch=32, warmup=1, repeats=1)
 
 
 def _pyro_nf(flow: str, dim: int, config: Config, sequential: str) -> Model:
-    factory = maf if flow == "MAF" else iaf
-    model = FlowModel(factory(dim, list(config.hidden_dims), config.num_transforms, sequential=sequential), (dim,))
+    hidden, layers = list(config.hidden_dims), config.num_transforms
+    if config.family == "spline":
+        parallel = "inverse" if flow == "MAF" else "forward"
+        transform = nsf(dim, hidden, layers, parallel=parallel, sequential=sequential)  # type: ignore[arg-type]
+    else:
+        transform = (maf if flow == "MAF" else iaf)(dim, hidden, layers, sequential=sequential)  # type: ignore[arg-type]
+    model = FlowModel(transform, (dim,))
     return Model(
         "pyro_nf", flow, dim, model, model.log_prob, lambda n: model.sample((n,)), flow == "MAF", flow == "IAF"
     )
@@ -86,14 +118,15 @@ def make(row: str, flow: str, dim: int, config: Config) -> Model:
         model = _pyro_nf(flow, dim, config, row.split()[1].rstrip(","))
         model.module.to(config.device)
         return model
+    name = FAMILIES[config.family].flows[flow]
     return build(
-        row, flow, dim, hidden_dims=config.hidden_dims, num_transforms=config.num_transforms, device=config.device
+        row, name, dim, hidden_dims=config.hidden_dims, num_transforms=config.num_transforms, device=config.device
     )
 
 
 def rows(config: Config) -> tuple[str, ...]:
     """The rows measured on the configured device."""
-    return ROWS + ((GRAPHED,) if config.device.startswith("cuda") else ())
+    return FAMILIES[config.family].rows + ((GRAPHED,) if config.device.startswith("cuda") else ())
 
 
 def _perturb(module: nn.Module) -> None:
@@ -157,7 +190,7 @@ def measure(dim: int, config: Config) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {row: {} for row in names}
 
     def throughput(column: str, flow: str, fn: Callable[[Model], Callable[[], object]]) -> None:
-        calls = {row: fn(models[row, flow]) for row in ROWS}
+        calls = {row: fn(models[row, flow]) for row in names if row != GRAPHED}
         if GRAPHED in names:
             calls[GRAPHED] = graphed[flow][column.split()[1]]
         calls = {row: _synchronized(call, config.device) for row, call in calls.items()}
@@ -186,32 +219,41 @@ def _fmt(column: str, value: float) -> str:
     return f"{value / 1e3:.1f}k/s" if value >= 1e3 else f"{value:.0f}/s"
 
 
-def table(dim: int, results: dict[str, dict[str, float]]) -> str:
+def _label(column: str, family: str) -> str:
+    """The column's name in the table: the flow of the family in that direction (``NSF-IAF log_prob``)."""
+    direction, what = column.split(" ", 1)
+    return f"{FAMILIES[family].flows[direction]} {what}"
+
+
+def table(dim: int, results: dict[str, dict[str, float]], family: str = "affine") -> str:
     """A markdown table of one dimension's results."""
-    lines = [f"| D = {dim} | " + " | ".join(COLUMNS) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
+    labels = [_label(c, family) for c in COLUMNS]
+    lines = [f"| D = {dim} | " + " | ".join(labels) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
     for row in results:
         lines.append(f"| {row} | " + " | ".join(_fmt(c, results[row][c]) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 
-def ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
+def ratios(results: dict[str, dict[str, float]], family: str = "affine") -> dict[str, float]:
     """The target ratios: speed-ups over the fastest anchor, and slowdowns against the parallel direction."""
-    anchors = [results[row] for row in ROWS[2:]]
+    anchors = [results[row] for row in FAMILIES[family].rows[2:]]
     out = {}
     for row in ("pyro_nf incremental", GRAPHED):
         if row not in results:
             continue
         ours = results[row]
         tag = "" if row == "pyro_nf incremental" else " (CUDA graph)"
+        maf_, iaf_ = FAMILIES[family].flows["MAF"], FAMILIES[family].flows["IAF"]
         out |= {
-            f"MAF sampling / fastest anchor's{tag}": ours["MAF sample"] / max(a["MAF sample"] for a in anchors),
-            f"MAF log_prob / MAF sampling{tag}": ours["MAF log_prob"] / ours["MAF sample"],
-            f"IAF density / fastest anchor's{tag}": ours["IAF log_prob"] / max(a["IAF log_prob"] for a in anchors),
-            f"IAF sampling / IAF density{tag}": ours["IAF sample"] / ours["IAF log_prob"],
-            f"IAF train step / MAF train step{tag}": ours["IAF train step"] / ours["MAF train step"],
+            f"{maf_} sampling / fastest anchor's{tag}": ours["MAF sample"] / max(a["MAF sample"] for a in anchors),
+            f"{maf_} log_prob / {maf_} sampling{tag}": ours["MAF log_prob"] / ours["MAF sample"],
+            f"{iaf_} density / fastest anchor's{tag}": ours["IAF log_prob"] / max(a["IAF log_prob"] for a in anchors),
+            f"{iaf_} sampling / {iaf_} density{tag}": ours["IAF sample"] / ours["IAF log_prob"],
+            f"{iaf_} train step / {maf_} train step{tag}": ours["IAF train step"] / ours["MAF train step"],
         }
     ours = results["pyro_nf incremental"]
-    out["incremental / reference, MAF sampling"] = ours["MAF sample"] / results["pyro_nf reference"]["MAF sample"]
+    name = FAMILIES[family].flows["MAF"]
+    out[f"incremental / reference, {name} sampling"] = ours["MAF sample"] / results["pyro_nf reference"]["MAF sample"]
     return out
 
 
@@ -234,23 +276,23 @@ def report(config: Config, all_results: dict[int, dict[str, dict[str, float]]], 
         "",
     ]
     for dim, results in all_results.items():
-        parts += [table(dim, results), ""]
+        parts += [table(dim, results, config.family), ""]
         parts.append(f"Ratios at D = {dim} (pyro_nf incremental):")
         parts.append("")
-        parts += [f"- {name}: {value:.2f}" for name, value in ratios(results).items()]
+        parts += [f"- {name}: {value:.2f}" for name, value in ratios(results, config.family).items()]
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_doc(path: Path, block: str) -> None:
-    """Replace the block between the benchmark markers of ``path`` (append it when they are missing)."""
+def write_doc(path: Path, block: str, start: str = START, end: str = END) -> None:
+    """Replace the block between the markers ``start`` and ``end`` of ``path`` (append it when they are missing)."""
     text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        text = f"{head}{START}\n{block}{END}{tail}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        text = f"{head}{start}\n{block}{end}{tail}"
     else:
-        text = f"{text.rstrip()}\n\n{START}\n{block}{END}\n"
+        text = f"{text.rstrip()}\n\n{start}\n{block}{end}\n"
     path.write_text(text)
 
 
@@ -263,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=None)
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="affine", help="affine (default) or spline")
     args = parser.parse_args(argv)
     config = SMOKE if args.smoke_test else Config()
     if args.dims:
@@ -275,17 +318,19 @@ def main(argv: list[str] | None = None) -> int:
         config = Config(**{**config.__dict__, "device": args.device})
     if args.threads:
         config = Config(**{**config.__dict__, "threads": args.threads})
+    config = Config(**{**config.__dict__, "family": args.family})
+    family = FAMILIES[config.family]
     torch.set_num_threads(config.threads)
     all_results = {}
     for dim in config.dims:
         all_results[dim] = measure(dim, config)
-        print(table(dim, all_results[dim]), flush=True)
-        for name, value in ratios(all_results[dim]).items():
+        print(table(dim, all_results[dim], config.family), flush=True)
+        for name, value in ratios(all_results[dim], config.family).items():
             print(f"  {name}: {value:.2f}")
     command = "python benchmarks/sequential.py" + (" " + " ".join(argv) if argv else "")
-    output = args.output if args.output is not None else (None if args.smoke_test else DOC)
+    output = args.output if args.output is not None else (None if args.smoke_test else family.doc)
     if output is not None:
-        write_doc(output, report(config, all_results, command))
+        write_doc(output, report(config, all_results, command), *family.markers)
         print(f"wrote {output}")
     return 0
 

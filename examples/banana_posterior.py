@@ -8,8 +8,10 @@ Its log evidence ``log p(y)`` is computed by quadrature on a fine grid (in
 float64), so for every guide ``KL(q || p(.|y)) = log p(y) - ELBO(q)`` is known.
 The script trains a mean-field Gaussian (``AutoNormal``), a full-covariance
 Gaussian (``AutoMultivariateNormal``) and pyro_nf's ``AutoFlow`` with an IAF, a
-MAF and a RealNVP (``--guides`` picks some), prints each one's ELBO and KL gap,
-and plots the grid posterior against samples of each guide.
+MAF, a RealNVP and a neural spline flow in the IAF direction (``nsf`` with
+``parallel="forward"``: sampling and the density of its samples in one pass; ``--guides``
+picks some), prints each one's ELBO and KL gap, and plots the grid posterior against
+samples of each guide.
 
     python examples/banana_posterior.py --steps 3000 --out banana_posterior.png
     python examples/banana_posterior.py --smoke-test
@@ -77,6 +79,9 @@ def make_guides(hidden: int, layers: int = 4) -> dict[str, Callable[[], object]]
         "AutoFlow iaf": lambda: AutoFlow(model, "iaf", hidden_dims=[hidden, hidden], num_transforms=layers),
         "AutoFlow maf": lambda: AutoFlow(model, "maf", hidden_dims=[hidden, hidden], num_transforms=layers),
         "AutoFlow realnvp": lambda: AutoFlow(model, "realnvp", hidden_dims=[hidden, hidden], num_transforms=layers),
+        "AutoFlow nsf": lambda: AutoFlow(
+            model, "nsf", hidden_dims=[hidden, hidden], num_transforms=layers, parallel="forward"
+        ),
     }
 
 

@@ -4,6 +4,8 @@
 
     pyro-nf train --flow maf --data moons --out runs/moons
     pyro-nf train --flow realnvp --data my_points.csv --steps 3000
+    pyro-nf train --flow nsf --data checkerboard
+    pyro-nf train --flow glow --coupling spline --data digits
     pyro-nf evaluate runs/moons
     pyro-nf sample runs/moons --num 5000 --output runs/moons/samples.npy
     pyro-nf list
@@ -119,7 +121,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "kind of data (see `pyro-nf list` and the docs); the resolved configuration is written to OUT/config.json.",
     )
     what = train.add_argument_group("what to train")
-    what.add_argument("--flow", help="maf, iaf, realnvp, ffjord, glow or realnvp-multiscale (default maf)")
+    what.add_argument(
+        "--flow", help="maf, iaf, realnvp, nsf, nsf-coupling, ffjord, glow or realnvp-multiscale (default maf)"
+    )
     what.add_argument(
         "--data",
         help="a 2D toy (moons, circles, ...), digits, mnist, fashion-mnist, or a .npy/.npz/.csv file (default moons)",
@@ -164,7 +168,9 @@ def _build_parser() -> argparse.ArgumentParser:
     arch.add_argument(
         "--hidden-channels", type=int, help=default("hidden_channels", "image flows: channels of the coupling networks")
     )
-    arch.add_argument("--coupling", choices=["affine", "additive"], help=default("coupling", "glow: coupling type"))
+    arch.add_argument(
+        "--coupling", choices=["affine", "additive", "spline"], help=default("coupling", "image flows: coupling type")
+    )
     data = train.add_argument_group("data")
     data.add_argument("--n-levels", type=int, help="images: pixel levels (default from the data)")
     data.add_argument(

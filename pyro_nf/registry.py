@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from torch.distributions import Transform
@@ -33,12 +34,14 @@ from pyro_nf.transforms import (
     conditional_ffjord,
     conditional_iaf,
     conditional_maf,
+    conditional_nsf,
     conditional_realnvp,
     ffjord,
     ffjord_multiscale,
     glow,
     iaf,
     maf,
+    nsf,
     realnvp,
     realnvp_multiscale,
 )
@@ -70,7 +73,7 @@ class FlowSpec:
     def build(self, shape: int | Sequence[int], **options: Any) -> Any:
         """The flow over ``shape`` (an ``input_dim`` for vector flows, ``(C, H, W)`` for image flows)."""
         if self.kind == "image":
-            return self._build_image(shape, **options)
+            return self._build_image(shape, **options)  # type: ignore[arg-type]
         return self._build_vector(shape, **options)  # type: ignore[arg-type]
 
     def _build_vector(
@@ -128,6 +131,14 @@ FLOWS: dict[str, FlowSpec] = {
         FlowSpec("maf", "vector", "masked autoregressive flow (density in one pass)", maf, conditional_maf),
         FlowSpec("iaf", "vector", "inverse autoregressive flow (sampling in one pass)", iaf, conditional_iaf),
         FlowSpec("realnvp", "vector", "affine coupling flow for vectors", realnvp, conditional_realnvp),
+        FlowSpec("nsf", "vector", "neural spline flow, autoregressive (density in one pass)", nsf, conditional_nsf),
+        FlowSpec(
+            "nsf-coupling",
+            "vector",
+            "neural spline flow, coupling layers (both directions in one pass)",
+            partial(nsf, coupling=True),
+            partial(conditional_nsf, coupling=True),
+        ),
         FlowSpec("ffjord", "vector", "continuous normalizing flow (FFJORD)", ffjord, conditional_ffjord, stacks=False),
         FlowSpec("glow", "image", "Glow (actnorm, 1x1 conv, coupling)", glow),
         FlowSpec("realnvp-multiscale", "image", "multiscale RealNVP for images", realnvp_multiscale),

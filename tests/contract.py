@@ -25,6 +25,7 @@ from pyro_nf.transforms import (
     conditional_glow,
     conditional_iaf,
     conditional_maf,
+    conditional_nsf,
     conditional_realnvp,
     conditional_sylvester,
     ffjord,
@@ -35,6 +36,7 @@ from pyro_nf.transforms import (
     image_coupling,
     invertible_conv1x1,
     maf,
+    nsf,
     prior_coupling,
     realnvp,
     realnvp_multiscale,
@@ -107,12 +109,37 @@ CASES: list[Case] = [
         min_dim=2,
     ),
     Case("batch_norm", lambda s: batch_norm(_d(s)), networks=False),
+    # neural spline flows: bound 1 puts about a third of the N(0, 1) test inputs in the tails (the identity)
+    Case("nsf", lambda s: nsf(_d(s), [16, 16], 3, bins=5, bound=1.0), autoregressive=True),
+    Case("nsf-iaf", lambda s: nsf(_d(s), [16], 2, parallel="forward", bound=1.5), autoregressive=True),
+    Case(
+        "nsf-random-residual-reference",
+        lambda s: nsf(_d(s), [16, 16], 2, bins=3, permutation="random", residual=True, sequential="reference"),
+        autoregressive=True,
+    ),
+    Case("nsf-coupling", lambda s: nsf(_d(s), [16, 16], 3, coupling=True, bound=1.0), min_dim=2),
+    Case("nsf-coupling-alternate", lambda s: nsf(_d(s), [16], 2, coupling=True, mask="alternate", bins=4), min_dim=2),
     Case("inverse-maf", lambda s: InverseTransformModule(maf(_d(s), [16], 2))),
     Case("conditional_maf", lambda s: conditional_maf(_d(s), CONTEXT_DIM, [16, 16], 3), context_dim=CONTEXT_DIM),
     Case("conditional_iaf", lambda s: conditional_iaf(_d(s), CONTEXT_DIM, [16, 16], 3), context_dim=CONTEXT_DIM),
     Case(
         "conditional_realnvp",
         lambda s: conditional_realnvp(_d(s), CONTEXT_DIM, [16, 16], 4),
+        context_dim=CONTEXT_DIM,
+    ),
+    Case(
+        "conditional_nsf",
+        lambda s: conditional_nsf(_d(s), CONTEXT_DIM, [16, 16], 2, bound=1.0),
+        context_dim=CONTEXT_DIM,
+    ),
+    Case(
+        "conditional_nsf-iaf",
+        lambda s: conditional_nsf(_d(s), CONTEXT_DIM, [16], 2, parallel="forward", bins=4),
+        context_dim=CONTEXT_DIM,
+    ),
+    Case(
+        "conditional_nsf-coupling",
+        lambda s: conditional_nsf(_d(s), CONTEXT_DIM, [16], 3, coupling=True, bound=1.0),
         context_dim=CONTEXT_DIM,
     ),
     Case(
@@ -147,6 +174,18 @@ CASES: list[Case] = [
         vector=False,
     ),
     Case(
+        "image_coupling-spline",
+        lambda s: image_coupling(s, 8, coupling="spline", bins=4, bound=1.0),
+        shape=(3, 4, 4),
+        vector=False,
+    ),
+    Case(
+        "image_coupling-spline-checkerboard",
+        lambda s: image_coupling(s, 8, mask="checkerboard", coupling="spline", network="resnet", num_blocks=1),
+        shape=(1, 4, 4),
+        vector=False,
+    ),
+    Case(
         "image_coupling-checkerboard",
         lambda s: image_coupling(s, 8, mask="checkerboard", parity=1, network="resnet", num_blocks=1, norm="batch"),
         shape=(1, 4, 4),
@@ -162,6 +201,12 @@ CASES: list[Case] = [
     Case("glow", lambda s: glow(s, levels=2, depth=2, hidden_channels=8), shape=(1, 4, 4), vector=False),
     Case(
         "glow-additive-plain", lambda s: glow(s, 2, 1, 8, coupling="additive", lu=False), shape=(1, 4, 4), vector=False
+    ),
+    Case(
+        "glow-spline",
+        lambda s: glow(s, levels=2, depth=1, hidden_channels=8, coupling="spline", bins=4, bound=1.0),
+        shape=(1, 4, 4),
+        vector=False,
     ),
     Case(
         "conditional_glow",
@@ -181,6 +226,12 @@ CASES: list[Case] = [
         lambda s: realnvp_multiscale(
             s, levels=1, hidden_channels=8, num_blocks=1, learned_prior=True, actnorm=True, log_scale_bound=1.0
         ),
+        shape=(1, 4, 4),
+        vector=False,
+    ),
+    Case(
+        "realnvp_multiscale-spline",
+        lambda s: realnvp_multiscale(s, levels=1, hidden_channels=8, num_blocks=1, coupling="spline", bound=1.0),
         shape=(1, 4, 4),
         vector=False,
     ),

@@ -178,3 +178,55 @@ def test_bad_input_is_named() -> None:
         target.sample(0)
     with pytest.raises(ValueError, match="summing to 1"):
         GaussianMixtureTarget(torch.tensor([0.5, 0.2]), torch.zeros(2, 1), torch.ones(2, 1, 1))
+
+
+# -- the neural spline flows -----------------------------------------------------------------------------------
+def _run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_spline_smoke_run_writes_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "splines.md"
+    _run_script("splines.py", "--smoke-test", "--output", str(out))
+    text = out.read_text()
+    assert text.count("spline-speed-benchmark:start") == text.count("spline-quality-benchmark:end") == 1
+    rows = _table_rows(text, 3)
+    speed = {key: cells for key, cells in rows.items() if key[0].startswith("NSF")}
+    expected = {
+        (flow, str(dim), metric + (" *seq*" if seq else ""))
+        for flow in ("NSF", "NSF-IAF", "NSF-coupling")
+        for dim in (4, 8)
+        for metric in ("log_prob", "sample", "train step")
+        for seq in [(flow == "NSF" and metric == "sample") or (flow == "NSF-IAF" and metric != "sample")]
+    }
+    assert set(speed) == expected
+    for key, cells in speed.items():  # n, three libraries, ratio
+        assert all(re.fullmatch(r"[\d.,]+k?", r) for r in cells[1:4]), (key, cells)
+        assert re.fullmatch(r"\*\*\d+\.\d\d\*\*", cells[4]), (key, cells)
+    quality = {key: cells for key, cells in rows.items() if not key[0].startswith("NSF")}
+    toys, mixtures = ("moons", "8gaussians", "checkerboard"), ("gmm8", "gmm21")
+    assert set(quality) == {
+        (target, flow, "test NLL") for target in toys for flow in ("NSF", "NSF-IAF", "NSF-coupling")
+    } | {(target, flow, "KL gap") for target in mixtures for flow in ("NSF", "NSF-coupling")}
+    for key, cells in quality.items():
+        assert all(math.isfinite(float(c.split(" ")[0])) for c in cells[:3]), (key, cells)
+        assert re.fullmatch(r"\*\*[+-]\d+\.\d+\*\*", cells[3]), (key, cells)
+
+
+def test_sequential_spline_family_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "seq.md"
+    result = _run_script("sequential.py", "--smoke-test", "--family", "spline", "--output", str(out))
+    assert "| NSF sample | NSF log_prob | NSF-IAF log_prob |" in result.stdout
+    rows = [line.split("|")[1].strip() for line in out.read_text().splitlines() if line.startswith("| ")][2:]
+    assert rows == ["pyro_nf incremental", "pyro_nf reference", "zuko", "pyro"]
+    assert "NSF sampling / fastest anchor's" in out.read_text()

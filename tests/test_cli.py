@@ -75,9 +75,11 @@ def test_list_names_flows_and_datasets(capsys: pytest.CaptureFixture[str]) -> No
     assert code == 0
     for name in ("maf", "iaf", "realnvp", "glow", "ffjord", "realnvp-multiscale", "moons", "rings", "digits", "mnist"):
         assert f"  {name} " in out
+    for name in ("nsf", "nsf-coupling"):
+        assert f"  {name} " in out and "neural spline flow" in out
 
 
-@pytest.mark.parametrize("flow", ["maf", "iaf", "realnvp", "ffjord"])
+@pytest.mark.parametrize("flow", ["maf", "iaf", "realnvp", "ffjord", "nsf", "nsf-coupling"])
 def test_train_vector_flow_on_toy(flow: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if not HAS.get(flow, True):
         code, _, err = run(["train", "--flow", flow, "--data", "moons", "--out", tmp_path, *TOY], capsys)
@@ -136,11 +138,12 @@ def test_user_files_train_evaluate_sample(tmp_path: Path, capsys: pytest.Capture
     assert 20.0 < np.median(samples[:, 1]) < 80.0
 
 
-@pytest.mark.parametrize("flow", ["glow", "realnvp-multiscale"])
+@pytest.mark.parametrize("flow, coupling", [("glow", "affine"), ("realnvp-multiscale", "affine"), ("glow", "spline")])
 def test_image_flow_on_image_file(
-    flow: str, digits_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    flow: str, coupling: str, digits_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["train", "--flow", flow, "--data", digits_file, "--steps", 3, "--out", tmp_path, *IMAGE]
+    argv += ["--coupling", coupling]
     code, out, err = run(argv, capsys)
     if not HAS[flow]:
         assert code == EXIT_USAGE and "not available in this version" in err
@@ -151,6 +154,7 @@ def test_image_flow_on_image_file(
     assert 0.0 < metrics["test_bpd"] < 10.0  # 17 levels: a uniform model would score log2(17) = 4.09
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["resolved"]["event_shape"] == [1, 8, 8] and config["resolved"]["preprocess"]["n_levels"] == 17
+    assert config["coupling"] == coupling
     code, out, err = run(["sample", tmp_path, "--num", 9, "--temperature", 0.7], capsys)
     assert code == 0, err
     images = np.load(tmp_path / "sampled.npy")
@@ -347,7 +351,8 @@ def test_bad_image_array(name: str, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 BAD_OPTIONS = {
-    "unknown flow": (["--flow", "nope"], "unknown flow 'nope'; expected one of maf, iaf, realnvp, ffjord, glow"),
+    "unknown flow": (["--flow", "nope"], "unknown flow 'nope'; expected one of maf, iaf, realnvp, nsf, nsf-coupling"),
+    "bad coupling": (["--flow", "glow", "--coupling", "cubic"], "argument --coupling: invalid choice: 'cubic'"),
     "unknown data": (["--data", "nope"], "unknown dataset 'nope'; expected one of moons, circles, 8gaussians"),
     "zero steps": (["--steps", "0"], "--steps: expected a positive integer, got 0"),
     "bad hidden": (["--hidden", "a,b"], "expected comma-separated integers such as 64,64, got 'a,b'"),

@@ -84,7 +84,9 @@ def test_glow_rejects_shapes_that_do_not_divide() -> None:
     with pytest.raises(ValueError, match="input_shape"):
         glow((8, 8), levels=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="coupling"):
-        glow((1, 4, 4), levels=1, depth=1, hidden_channels=4, coupling="spline")  # type: ignore[arg-type]
+        glow((1, 4, 4), levels=1, depth=1, hidden_channels=4, coupling="cubic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bins apply to coupling='spline', got coupling='affine'"):
+        glow((1, 4, 4), levels=1, depth=1, hidden_channels=4, bins=4)
 
 
 def test_depth_32_glow_is_finite_both_ways() -> None:

@@ -131,3 +131,14 @@ def test_flow_matched_multiscale_cnf_against_glow_smoke(tmp_path: Path) -> None:
         assert int(params) > 0 and int(steps) == 3 and float(step_ms) > 0 and float(sample_ms) > 0
         assert 0 < float(bpd) < 10, (name, bpd)
     assert int(rows["multiscale CNF, flow matching"][5]) > 0 and rows["Glow, maximum likelihood"][5] == "—"
+
+
+def test_spline_against_affine_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "spline.md"
+    _run_benchmark(tmp_path, "--spline", "--smoke-test", "--output", str(out))
+    rows = {r[0]: r[1:] for r in _table_rows(out)}
+    assert set(rows) == {"glow, affine couplings", "glow, spline couplings"}
+    for params, bpd, step_ms, sample_ms in rows.values():
+        assert int(params) > 0 and 0 < float(bpd) < 10 and float(step_ms) > 0 and float(sample_ms) > 0
+    # the spline coupling's network gives 23 parameters per moved entry instead of 2: more parameters
+    assert int(rows["glow, spline couplings"][0]) > int(rows["glow, affine couplings"][0])

@@ -51,7 +51,7 @@ def assert_decreases(losses: list[float]) -> None:
 # -- flow guides -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flow", ["iaf", "maf", "realnvp"])
+@pytest.mark.parametrize("flow", ["iaf", "maf", "realnvp", "nsf", "nsf-coupling"])
 def test_autoflow_trains_and_registers_parameters(flow: str) -> None:
     model = banana_model()
     guide = AutoFlow(model, flow, hidden_dims=[16], num_transforms=2)
@@ -261,7 +261,7 @@ def test_flow_prior_trains_jointly(factory) -> None:  # type: ignore[no-untyped-
 # -- amortized posteriors ------------------------------------------------------------------------------------------
 
 CONTEXT = 4
-AMORTIZED = ["iaf", "maf", "realnvp", "planar", "sylvester"] + (["ffjord"] if HAS_FFJORD else [])
+AMORTIZED = ["iaf", "maf", "realnvp", "nsf", "nsf-coupling", "planar", "sylvester"] + (["ffjord"] if HAS_FFJORD else [])
 
 
 def amortized_case(kind: str) -> Case:
@@ -379,7 +379,7 @@ class TinyVAE(torch.nn.Module):
             pyro.sample("z", self.posterior(loc, torch.nn.functional.softplus(raw) + 1e-3, h))
 
 
-@pytest.mark.parametrize("kind", ["iaf", "planar"])
+@pytest.mark.parametrize("kind", ["iaf", "planar", "nsf"])
 def test_vae_with_flow_posterior_and_flow_prior(kind: str) -> None:
     x = (torch.rand(40, 6) < torch.linspace(0.1, 0.9, 6)).float()
     vae = TinyVAE(kind)

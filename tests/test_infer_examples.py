@@ -32,7 +32,7 @@ def test_banana_posterior_smoke(tmp_path: Path) -> None:
     out = tmp_path / "banana.png"
     stdout = run_example("banana_posterior.py", "--out", str(out))
     assert "log evidence by quadrature" in stdout
-    for name in ("AutoNormal", "AutoFlow iaf", "AutoFlow maf", "AutoFlow realnvp"):
+    for name in ("AutoNormal", "AutoFlow iaf", "AutoFlow maf", "AutoFlow realnvp", "AutoFlow nsf"):
         assert name in stdout
     assert out.stat().st_size > 10_000  # a real figure, not an empty file
 

@@ -70,7 +70,9 @@ __all__ = [
     "DEFAULT_PLANAR_LAYERS",
 ]
 
-PosteriorName = Literal["gaussian", "planar", "sylvester", "sylvester-shared", "iaf", "maf", "realnvp", "ffjord"]
+PosteriorName = Literal[
+    "gaussian", "planar", "sylvester", "sylvester-shared", "iaf", "maf", "realnvp", "ffjord", "nsf", "nsf-coupling"
+]
 BASELINES: tuple[str, ...] = ("gaussian", "planar", "sylvester", "sylvester-shared")
 POSTERIORS: tuple[str, ...] = (*BASELINES, *(name for name, spec in FLOWS.items() if spec.kind == "vector"))
 """The posteriors :func:`amortized_flow` builds: the baselines and every vector flow of the registry."""
@@ -93,7 +95,8 @@ def amortized_flow(
         kind: ``"gaussian"`` (no flow), ``"planar"``, ``"sylvester"`` (amortized Householder
             Sylvester, :func:`conditional_sylvester`), ``"sylvester-shared"`` (Pyro's Sylvester
             parametrisation with parameters shared by all data points, :class:`ExactSylvester`),
-            ``"iaf"``, ``"maf"``, ``"realnvp"`` or ``"ffjord"``.
+            ``"iaf"``, ``"maf"``, ``"realnvp"``, ``"ffjord"``, ``"nsf"`` (a neural spline flow; as a
+            posterior, ``parallel="forward"`` samples in one pass) or ``"nsf-coupling"``.
         latent_dim: the latent size D.
         context_dim: the size of the encoder's context vector (unused by ``"sylvester-shared"``).
         hidden_dims: hidden widths of the flow's networks (the factory's default when None;

@@ -68,7 +68,7 @@ __all__ = [
     "FlowBuilder",
 ]
 
-FlowName = Literal["iaf", "maf", "realnvp", "ffjord"]
+FlowName = Literal["iaf", "maf", "realnvp", "ffjord", "nsf", "nsf-coupling"]
 FlowBuilder = Callable[..., Transform]
 """A function of the latent size (and the keyword options) that returns the flow."""
 
@@ -95,9 +95,10 @@ class AutoFlow(AutoContinuous):
         flow: ``"iaf"`` (default: sampling and the density of its own samples in
             one network pass per layer, what SVI asks of a guide), ``"maf"``
             (sampling sequential in D), ``"realnvp"`` (both directions in one
-            pass) or ``"ffjord"`` (a continuous flow); any vector flow of :data:`pyro_nf.registry.FLOWS`;
-            or a function ``flow(latent_dim, **options)`` returning a flow over vectors of that size
-            (``partial(iaf, hidden_dims=[64, 64])``, what ``AutoNormalizingFlow`` takes).
+            pass), ``"ffjord"`` (a continuous flow), ``"nsf"`` (a neural spline flow; give
+            ``parallel="forward"`` to sample in one pass) or ``"nsf-coupling"``; any vector flow of
+            :data:`pyro_nf.registry.FLOWS`; or a function ``flow(latent_dim, **options)`` returning a flow
+            over vectors of that size (``partial(iaf, hidden_dims=[64, 64])``, what ``AutoNormalizingFlow`` takes).
         hidden_dims: hidden widths of each layer's network (the factory's default when None).
         num_transforms: number of flow layers (the factory's default when None).
         init_loc_fn: per-site initialisation of the location (see :mod:`pyro.infer.autoguide.initialization`).

@@ -13,6 +13,7 @@ from pyro_nf.data.files import is_data_file
 from pyro_nf.registry import FLOWS
 from pyro_nf.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from pyro_nf.training.validation import OBJECTIVES, check_device_name, validate_objective
+from pyro_nf.transforms.image_coupling import COUPLINGS
 
 __all__ = [
     "IMAGE_DATASETS",
@@ -69,7 +70,7 @@ class TrainConfig:
     - ``levels``: squeezes of an image flow (each halves H and W), the same in every image flow.
     - ``depth``: steps per level of an image flow.
     - ``hidden_channels``: channels of an image flow's coupling networks.
-    - ``coupling``: ``"affine"`` or ``"additive"`` (image flows).
+    - ``coupling``: ``"affine"``, ``"additive"`` or ``"spline"`` (image flows).
     - ``n_levels``: pixel levels of image data (None for vectors).
     - ``data_dir``: a folder with the MNIST / Fashion-MNIST IDX files (default: the offline copies).
     - ``n_train``: training points drawn from a toy density.
@@ -237,7 +238,7 @@ def _defaults(flow: str, kind: DataKind, data: str) -> dict[str, Any]:
         out.update(steps=5000, hidden=None, num_transforms=6 if flow == "realnvp" else 5)
         if kind == "image":
             out.update(batch_size=128, lr=1e-4, warmup_steps=100, num_samples=64)
-    if flow in ("maf", "iaf", "realnvp"):
+    if flow in ("maf", "iaf", "realnvp", "nsf", "nsf-coupling"):
         out.update(actnorm=False)  # the data are standardised already (Standardize): no ActNorm needed
     if kind == "toy":
         out.update(n_train=20000, n_val=5000, n_test=5000)
@@ -315,7 +316,9 @@ def resolve_config(options: dict[str, Any]) -> TrainConfig:
         data = str(Path(data).expanduser().resolve())
     spec = FLOWS[flow]
     if spec.kind == "image" and kind == "toy":
-        raise ConfigError(f"--flow {flow} models images, but {data!r} is a 2D toy; use maf, iaf, realnvp or ffjord")
+        raise ConfigError(
+            f"--flow {flow} models images, but {data!r} is a 2D toy; use maf, iaf, realnvp, nsf or ffjord"
+        )
     values = {key: value for key, value in options.items() if value is not None}
     values["flow"], values["data"] = flow, data
     merged = {**_defaults(flow, kind, data), **values}
@@ -390,8 +393,8 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError(f"--grad-clip: expected a number >= 0 (0 turns it off), got {config.grad_clip!r}")
     if config.hidden is not None and (not config.hidden or any(h < 1 for h in config.hidden)):
         raise ConfigError(f"--hidden: expected positive widths such as 64,64, got {config.hidden!r}")
-    if config.coupling is not None and config.coupling not in ("affine", "additive"):
-        raise ConfigError(f"--coupling: expected affine or additive, got {config.coupling!r}")
+    if config.coupling is not None and config.coupling not in COUPLINGS:
+        raise ConfigError(f"--coupling: expected {', '.join(COUPLINGS)}, got {config.coupling!r}")
     if config.n_levels is not None and config.n_levels < 2:
         raise ConfigError(f"--n-levels: expected an integer >= 2, got {config.n_levels!r}")
     check_device_name(config.device)

@@ -27,7 +27,7 @@ def build_model(config: TrainConfig, data: PreparedData) -> FlowModel:
     if data.kind != "image":
         raise ConfigError(
             f"--flow {config.flow} models images of shape (C, H, W), but the data are vectors of "
-            f"shape {data.event_shape}; use maf, iaf, realnvp or ffjord, or save images as (N, C, H, W)"
+            f"shape {data.event_shape}; use maf, iaf, realnvp, nsf or ffjord, or save images as (N, C, H, W)"
         )
     shape = data.event_shape
     assert config.levels is not None and config.hidden_channels is not None

@@ -4,6 +4,8 @@
   coupling and autoregressive skeletons plug in;
 - :mod:`~pyro_nf.transforms.autoregressive`: the autoregressive skeleton, MAF and IAF;
 - :mod:`~pyro_nf.transforms.coupling`: the coupling skeleton and RealNVP for vectors;
+- :mod:`~pyro_nf.transforms.rational_quadratic` and :mod:`~pyro_nf.transforms.spline`: the
+  rational-quadratic spline and the neural spline flows built on both skeletons;
 - :mod:`~pyro_nf.transforms.image_coupling`: channel and checkerboard couplings over images;
 - :mod:`~pyro_nf.transforms.multiscale`: squeeze, factor-out, the multiscale builder, multiscale RealNVP;
 - :mod:`~pyro_nf.transforms.glow`: the invertible 1x1 convolution, Glow and class-conditional Glow;
@@ -64,6 +66,17 @@ from pyro_nf.transforms.multiscale import FactorOut, Squeeze, factor_out, realnv
 from pyro_nf.transforms.normalization import ActNorm, BatchNorm, actnorm, batch_norm
 from pyro_nf.transforms.ode import ODEOptions
 from pyro_nf.transforms.preprocess import Logit, dequantize, logit, reduce_bits
+from pyro_nf.transforms.rational_quadratic import RationalQuadraticSpline
+from pyro_nf.transforms.spline import (
+    ConditionalSplineAutoregressive,
+    ConditionalSplineCoupling,
+    SplineAutoregressive,
+    SplineCoupling,
+    conditional_nsf,
+    nsf,
+    spline_autoregressive,
+    spline_coupling,
+)
 from pyro_nf.transforms.sylvester import (
     ConditionalSylvester,
     ConditionedSylvester,
@@ -91,6 +104,8 @@ __all__ = [
     "ConditionalFFJORD",
     "ConditionalFlowStack",
     "ConditionalLatentAffine",
+    "ConditionalSplineAutoregressive",
+    "ConditionalSplineCoupling",
     "ConditionalSylvester",
     "ConditionedAffineAutoregressive",
     "ConditionedAffineCoupling",
@@ -113,6 +128,9 @@ __all__ = [
     "InvertibleConv1x1",
     "Logit",
     "ODEOptions",
+    "RationalQuadraticSpline",
+    "SplineAutoregressive",
+    "SplineCoupling",
     "Squeeze",
     "actnorm",
     "affine_autoregressive",
@@ -124,6 +142,7 @@ __all__ = [
     "conditional_iaf",
     "conditional_latent_affine",
     "conditional_maf",
+    "conditional_nsf",
     "conditional_realnvp",
     "conditional_sylvester",
     "coupling_mask",
@@ -140,11 +159,14 @@ __all__ = [
     "invertible_conv1x1",
     "logit",
     "maf",
+    "nsf",
     "ot_pairing",
     "prior_coupling",
     "realnvp",
     "realnvp_multiscale",
     "reduce_bits",
+    "spline_autoregressive",
+    "spline_coupling",
     "squeeze",
     "sylvester",
 ]

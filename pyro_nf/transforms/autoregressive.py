@@ -94,13 +94,12 @@ class ConditionedAutoregressive(FlowTransform):
     def _stamp_sources(self) -> tuple[nn.Module | Tensor | None, ...]:
         return (self.made, self.context)
 
-    def _params(self, inputs: Tensor) -> Sequence[Tensor]:
-        return self._split(self.made(inputs, self.context))
+    def _params(self, inputs: Tensor) -> Tensor:
+        return self._layout(self.made(inputs, self.context))
 
-    def _split(self, raw: Tensor) -> Sequence[Tensor]:
-        """The MADE's ``P`` blocks of ``D`` outputs as ``P`` tensors."""
-        # unbind, not chunk: under torch.jit.trace the autodiff of a partly used chunk fails (the log-det reads alpha)
-        return raw.unflatten(-1, (self.made.num_params, self.made.input_dim)).unbind(-2)
+    def _layout(self, raw: Tensor) -> Tensor:
+        """The MADE's output ``(..., P * D)`` as the map's parameters ``(P, ..., D)``: a view, no copy."""
+        return raw.unflatten(-1, (self.made.num_params, self.made.input_dim)).movedim(-2, 0)
 
     def _broadcast(self, v: Tensor) -> Tensor:
         """Expand ``v`` to the batch shape it shares with the context."""
@@ -137,7 +136,7 @@ class ConditionedAutoregressive(FlowTransform):
             return g(known, params)[0]
 
         out, raw = self.made.sequential(given, solve, self.context, self.sequential)
-        params = self._split(raw)
+        params = self._layout(raw)
         base = given if forward else out  # the map's input, at which log g' is taken
         side = out if forward else given
         _, ladj = self.elementwise.forward(base, params) if forward else self.elementwise.inverse(side, params)

@@ -38,7 +38,15 @@ from pyro_nf.checks import check_choice, check_options, check_positive_int
 from pyro_nf.conditional import ConditionalFlowStack, ConditionalFlowTransformModule
 from pyro_nf.core import FlowStack, FlowTransform, FlowTransformModule
 from pyro_nf.nn.nets import MLP, default_hidden_dims
-from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AffineMap, AffineOptions, ElementwiseMap, Scale, affine_map
+from pyro_nf.transforms.elementwise import (
+    LOG_SCALE_BOUND,
+    AffineMap,
+    AffineOptions,
+    ElementwiseMap,
+    Params,
+    Scale,
+    affine_map,
+)
 from pyro_nf.transforms.normalization import ActNorm, BatchNorm
 
 if TYPE_CHECKING:
@@ -78,7 +86,7 @@ class Split(Protocol):
         """``(network input, the part the map transforms)``."""
         ...
 
-    def params(self, raw: Tensor, num_params: int) -> Sequence[Tensor]:
+    def params(self, raw: Tensor, num_params: int) -> Params:
         """The map's ``P`` raw parameters, each shaped like the transformed part, from the network's output."""
         ...
 
@@ -146,7 +154,7 @@ class CouplingSplit(nn.Module):
         for name, index in zip(("kept_index", "moved_index", "restore_index"), split_indices(kept)):
             self.register_buffer(name, index)
         self.input_dim = kept.numel()
-        self.input_shape = (self.input_dim,)
+        self.input_shape: tuple[int, ...] = (self.input_dim,)
         self.block = contiguous_split(kept)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -158,8 +166,9 @@ class CouplingSplit(nn.Module):
         first, last = x[..., :cut], x[..., cut:]
         return (first, last) if block[0] else (last, first)
 
-    def params(self, raw: Tensor, num_params: int) -> Sequence[Tensor]:
-        return raw.chunk(num_params, dim=-1)
+    def params(self, raw: Tensor, num_params: int) -> Tensor:
+        """The network's output ``(..., P * D_b)`` as the map's parameters ``(P, ..., D_b)``: a view, no copy."""
+        return raw.unflatten(-1, (num_params, -1)).movedim(-2, 0)
 
     def join(self, x_a: Tensor, x_b: Tensor, y_b: Tensor) -> Tensor:
         """The inverse of :meth:`split` (the kept part broadcast to the batch of ``y_b``)."""

@@ -65,8 +65,15 @@ LOG_SCALE_BOUND = 3.0
 class ElementwiseMap(Protocol):
     """A monotonic element-wise bijection ``y = g(x; theta)`` with ``P`` raw parameters per element."""
 
-    num_params: int
-    volume_preserving: bool
+    @property
+    def num_params(self) -> int:
+        """``P``, the raw parameters per element (read-only: the maps are frozen dataclasses)."""
+        ...
+
+    @property
+    def volume_preserving(self) -> bool:
+        """Whether ``log g' = 0`` for every input."""
+        ...
 
     def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """``(g(x; theta), log g'(x; theta))``, element-wise; ``params[p]`` is raw parameter ``p``."""

@@ -40,7 +40,7 @@ from pyro_nf.conditional import ConditionalFlowStack
 from pyro_nf.core import FlowStack, FlowTransformModule
 from pyro_nf.transforms.conditional_prior import ConditionalLatentAffine
 from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, Scale
-from pyro_nf.transforms.image_coupling import CouplingKind, image_coupling, prior_coupling
+from pyro_nf.transforms.image_coupling import CouplingKind, image_coupling, image_map, prior_coupling
 from pyro_nf.transforms.multiscale import check_squeezable, multiscale
 from pyro_nf.transforms.normalization import ActNorm
 
@@ -175,9 +175,10 @@ class GlowStep(FlowStack):
     Args:
         input_shape: the image shape ``(C, H, W)``, ``C >= 2``.
         hidden_channels: width of the coupling network.
-        coupling: ``"affine"`` or ``"additive"``.
+        coupling: ``"affine"``, ``"additive"`` or ``"spline"``.
         lu: LU-decomposed 1x1 convolution.
         scale, log_scale_bound: the coupling's scale (see :class:`~pyro_nf.transforms.image_coupling.ImageCoupling`).
+        bins, bound: ``coupling="spline"`` only (see :func:`~pyro_nf.transforms.image_coupling.image_coupling`).
 
     Example::
 
@@ -194,10 +195,19 @@ class GlowStep(FlowStack):
         lu: bool = True,
         scale: Scale = "softclamp",
         log_scale_bound: float = LOG_SCALE_BOUND,
+        bins: int | None = None,
+        bound: float | None = None,
     ) -> None:
         shape = check_image_shape(input_shape)
         layer = image_coupling(
-            shape, hidden_channels, coupling=coupling, network="glow", scale=scale, log_scale_bound=log_scale_bound
+            shape,
+            hidden_channels,
+            coupling=coupling,
+            network="glow",
+            scale=scale,
+            log_scale_bound=log_scale_bound,
+            bins=bins,
+            bound=bound,
         )
         super().__init__([layer, InvertibleConv1x1(shape, lu), ActNorm(shape)])
 
@@ -216,6 +226,8 @@ class GlowOptions(TypedDict, total=False):
     learned_prior: bool
     scale: Scale
     log_scale_bound: float
+    bins: int
+    bound: float
 
 
 def glow(
@@ -244,11 +256,14 @@ def glow(
         levels: number of levels (squeezes), L in the paper.
         depth: Glow steps per level, K in the paper.
         hidden_channels: width of the coupling networks (512 in the paper).
-        coupling: ``"affine"`` or ``"additive"``.
+        coupling: ``"affine"``, ``"additive"`` or ``"spline"`` (the rational-quadratic spline of neural
+            spline flows; the learned prior stays Gaussian).
         lu: LU-decomposed 1x1 convolutions (default True).
         learned_prior: Glow's learned prior for the factored-out channels (default True; else standard Normal).
         scale, log_scale_bound: the couplings' scale (default ``"softclamp"``, 3); ``scale="gate"`` is
             Glow's ``sigmoid(h + 2)``.
+        bins, bound: ``coupling="spline"`` only: bins of each spline (default 8) and the half-width of the
+            interval it acts on (default 5, the identity outside).
 
     Example::
 
@@ -266,10 +281,14 @@ def glow(
     lu = options.get("lu", True)
     scale = options.get("scale", "softclamp")
     bound = options.get("log_scale_bound", LOG_SCALE_BOUND)
+    bins, spline_bound = options.get("bins"), options.get("bound")
+    image_map(coupling, scale, bound, bins, spline_bound)  # the choice and the spline's sizes, checked once
     return multiscale(
         shape,
         levels,
-        after=lambda s, i: [GlowStep(s, hidden_channels, coupling, lu, scale, bound) for _ in range(depth)],
+        after=lambda s, i: [
+            GlowStep(s, hidden_channels, coupling, lu, scale, bound, bins, spline_bound) for _ in range(depth)
+        ],
         prior=(lambda s: prior_coupling(s, scale, bound)) if options.get("learned_prior", True) else None,
     )
 

@@ -29,6 +29,7 @@ from pyro_nf.checks import check_choice, check_image_shape, check_positive_int
 from pyro_nf.nn.conv import NORMS, GlowNet, Norm, ResNet, ZeroConv2d
 from pyro_nf.transforms.coupling import Coupling
 from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AdditiveMap, AffineMap, ElementwiseMap, Scale
+from pyro_nf.transforms.rational_quadratic import spline_map
 
 __all__ = [
     "image_coupling",
@@ -41,10 +42,10 @@ __all__ = [
     "image_map",
 ]
 
-CouplingKind = Literal["affine", "additive"]
+CouplingKind = Literal["affine", "additive", "spline"]
 ImageMask = Literal["channel", "checkerboard"]
 Network = Literal["glow", "resnet"]
-COUPLINGS: tuple[CouplingKind, ...] = ("affine", "additive")
+COUPLINGS: tuple[CouplingKind, ...] = ("affine", "additive", "spline")
 IMAGE_MASKS: tuple[ImageMask, ...] = ("channel", "checkerboard")
 NETWORKS: tuple[Network, ...] = ("glow", "resnet")
 
@@ -121,9 +122,22 @@ class CheckerboardSplit(nn.Module):
         return (ladj * (1.0 - self.kept_pixels)).flatten(-3).sum(-1)
 
 
-def image_map(coupling: CouplingKind, scale: Scale, log_scale_bound: float) -> ElementwiseMap:
-    """The element-wise map of an image coupling by name."""
+def image_map(
+    coupling: CouplingKind, scale: Scale, log_scale_bound: float, bins: int | None = None, bound: float | None = None
+) -> ElementwiseMap:
+    """The element-wise map of an image coupling by name.
+
+    ``"spline"`` is the rational-quadratic spline of neural spline flows with ``bins`` bins on
+    ``[-bound, bound]`` (defaults 8 and 5, see
+    :class:`~pyro_nf.transforms.rational_quadratic.RationalQuadraticSpline`); ``bins`` and ``bound``
+    apply to it only.
+    """
     check_choice(coupling, COUPLINGS, "coupling")
+    spline = {name: value for name, value in (("bins", bins), ("bound", bound)) if value is not None}
+    if coupling == "spline":
+        return spline_map(spline)[0]
+    if spline:
+        raise ValueError(f"{' and '.join(spline)} apply to coupling='spline', got coupling={coupling!r}")
     return AffineMap(scale, log_scale_bound) if coupling == "affine" else AdditiveMap()
 
 
@@ -138,8 +152,9 @@ class ImageCoupling(Coupling):
         \\log|\\det \\partial y/\\partial x| = \\textstyle\\sum \\alpha(x_a),
 
     with ``alpha = 0`` for ``coupling="additive"`` (volume preserving, NICE and
-    Glow's additive variant). Both directions cost one network pass. Any other element-wise
-    map can be given as ``elementwise`` (the rational-quadratic spline of neural spline flows).
+    Glow's additive variant); ``coupling="spline"`` moves ``x_b`` through the rational-quadratic
+    spline of neural spline flows, ``3K - 1`` network outputs per moved entry. Both directions cost
+    one network pass. Any other element-wise map can be given as ``elementwise``.
 
     - ``mask="channel"``: ``x_a`` is half the channels (see :func:`channel_split`); the
       network maps ``(C_a, H, W)`` to ``P C_b`` channels (``P = 2`` for affine, 1 for additive).
@@ -156,7 +171,8 @@ class ImageCoupling(Coupling):
             to build one with the right channel counts.
         mask: ``"channel"`` or ``"checkerboard"``.
         parity: which half is kept (0 or 1).
-        coupling: ``"affine"`` or ``"additive"``.
+        coupling: ``"affine"``, ``"additive"`` or ``"spline"`` (8 bins on ``[-5, 5]``; see
+            :func:`image_coupling` for other sizes).
         scale, log_scale_bound: how the raw scale becomes a log-scale.
         elementwise: an element-wise map that replaces the one ``coupling`` names.
 
@@ -204,6 +220,8 @@ def image_coupling(
     scale: Scale = "softclamp",
     log_scale_bound: float = LOG_SCALE_BOUND,
     elementwise: ElementwiseMap | None = None,
+    bins: int | None = None,
+    bound: float | None = None,
 ) -> ImageCoupling:
     """An :class:`ImageCoupling` with its convolutional network built to fit.
 
@@ -213,6 +231,8 @@ def image_coupling(
         mask, parity, coupling, scale, log_scale_bound, elementwise: see :class:`ImageCoupling`.
         network: ``"glow"`` (:class:`~pyro_nf.nn.conv.GlowNet`) or ``"resnet"``
             (:class:`~pyro_nf.nn.conv.ResNet` with ``num_blocks`` and ``norm``).
+        bins, bound: ``coupling="spline"`` only: the spline's bins (default 8) and the half-width of
+            the interval it acts on (default 5; the identity outside).
 
     Example::
 
@@ -225,7 +245,7 @@ def image_coupling(
     check_choice(network, NETWORKS, "network")
     check_choice(norm, NORMS, "norm")
     check_positive_int(hidden_channels, "hidden_channels")
-    g = elementwise if elementwise is not None else image_map(coupling, scale, log_scale_bound)
+    g = elementwise if elementwise is not None else image_map(coupling, scale, log_scale_bound, bins, bound)
     if mask == "channel":
         if shape[0] < 2:
             raise ValueError(
@@ -241,7 +261,7 @@ def image_coupling(
         net = GlowNet(c_in, hidden_channels, c_out)
     else:
         net = ResNet(c_in, hidden_channels, c_out, num_blocks=num_blocks, norm=norm)
-    return ImageCoupling(shape, net, mask, parity, coupling, scale, log_scale_bound, elementwise=elementwise)
+    return ImageCoupling(shape, net, mask, parity, coupling, scale, log_scale_bound, elementwise=g)
 
 
 def prior_coupling(

@@ -356,6 +356,8 @@ def realnvp_multiscale(
     scale: Scale = "softclamp",
     log_scale_bound: float = LOG_SCALE_BOUND,
     num_scales: int | None = None,
+    bins: int | None = None,
+    bound: float | None = None,
 ) -> FlowStack:
     """RealNVP's multiscale architecture as one bijection over ``(C, H, W)``.
 
@@ -370,13 +372,16 @@ def realnvp_multiscale(
         hidden_channels: width of the residual networks.
         num_blocks: residual blocks per network.
         norm: normalisation inside the networks (``"group"``, ``"batch"``, ``"none"``).
-        coupling: ``"affine"`` or ``"additive"``.
+        coupling: ``"affine"``, ``"additive"`` or ``"spline"`` (the rational-quadratic spline of neural
+            spline flows, its parameters from the residual network).
         learned_prior: Glow's learned prior for the factored-out channels (the paper has none).
         actnorm: an :class:`~pyro_nf.transforms.normalization.ActNorm` before each coupling (data to
             noise), in place of the paper's batch normalisation of the flow: data-dependent
             initialisation, and a bijection per sample in training mode too.
         scale, log_scale_bound: see :class:`~pyro_nf.transforms.image_coupling.ImageCoupling`.
         num_scales: deprecated, ``levels + 1`` (the paper's number of scales).
+        bins, bound: ``coupling="spline"`` only: bins of each spline (default 8) and the half-width of the
+            interval it acts on (default 5, the identity outside).
 
     Example::
 
@@ -407,6 +412,8 @@ def realnvp_multiscale(
                 norm=norm,
                 scale=scale,
                 log_scale_bound=log_scale_bound,
+                bins=bins,
+                bound=bound,
             )
             for j in range(count)
         ]

@@ -34,8 +34,11 @@ cancellation for ``b >= 0``; for ``b < 0`` (then ``a > s > 0``) the same root is
 ``(sqrt(b^2 - 4ac) - b) / (2a)``, which is the cancellation-free form there. The
 discriminant is clamped at 0 and ``xi`` to ``[0, 1]`` (in value; the gradient is the root's).
 
-Bins are found with ``torch.searchsorted(..., right=True)`` (a point on a knot starts the
-bin to its right; ``B`` itself falls in the last bin), the index clamped to ``[0, K - 1]``.
+The bin of a point is the number of interior knots at or below it (a point on a knot starts
+the bin to its right; ``B`` itself falls in the last bin). The parameter axis stays first
+throughout (softmaxes, sums and gathers run along the outer axis), so the parameters laid out
+as the networks give them (``P`` blocks of the elements) are never interleaved; of the
+derivatives only the two at the bin's ends are computed.
 The spline branch sees the input clamped into ``[-B, B]``, so the unused branch of the
 tails stays finite and so do the gradients.
 
@@ -59,7 +62,9 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +73,12 @@ from torch import Tensor
 from pyro_nf.checks import check_positive_int
 from pyro_nf.transforms.elementwise import Params
 
-__all__ = ["RationalQuadraticSpline"]
+__all__ = ["DEFAULT_BINS", "DEFAULT_BOUND", "RationalQuadraticSpline", "SplineOptions", "spline_map"]
+
+DEFAULT_BINS = 8
+"""The default number ``K`` of bins of every spline layer."""
+DEFAULT_BOUND = 5.0
+"""The default half-width ``B`` of the interval ``[-B, B]`` of every spline layer (identity outside)."""
 
 
 def _check_number(value: object, name: str, *, below: float = math.inf, why: str = "") -> None:
@@ -90,8 +100,8 @@ class RationalQuadraticSpline:
         min_derivative: the least derivative at an interior knot (``< 1``).
     """
 
-    bins: int = 8
-    bound: float = 5.0
+    bins: int = DEFAULT_BINS
+    bound: float = DEFAULT_BOUND
     min_width: float = 1e-3
     min_height: float = 1e-3
     min_derivative: float = 1e-3
@@ -108,10 +118,12 @@ class RationalQuadraticSpline:
         _check_number(self.min_derivative, "min_derivative", below=1.0, why=" below 1")
         object.__setattr__(self, "num_params", 3 * self.bins - 1)
 
-    def knots(self, params: Params) -> tuple[Tensor, Tensor, Tensor]:
-        """``(x, y, delta)`` at the ``K + 1`` knots, each of shape ``(*s, K + 1)``, from the ``3K - 1`` raw parameters.
+    def _raw(self, params: Params) -> Tensor:
+        """The raw parameters as one contiguous tensor ``(3K - 1, *s)`` (a block copy of a view, a sequence stacked).
 
-        ``params`` is a tensor of shape ``(3K - 1, *s)`` or a sequence of ``3K - 1`` tensors of shape ``s``.
+        The skeletons hand over a view ``(P, ..., D)`` of a network's output ``(..., P, D)``: making it
+        contiguous copies rows of ``D`` values, which costs less than the strided reads it saves later
+        (about 3 ms against 8 ms of a 45 ms map at 4096 x 64 elements, 8 bins, one thread).
         """
         count = params.shape[0] if isinstance(params, Tensor) and params.dim() else len(params)
         if count != self.num_params:
@@ -119,66 +131,95 @@ class RationalQuadraticSpline:
             raise ValueError(
                 f"params: expected shape ({self.num_params}, ...) (3 * bins - 1 raw parameters first), got {shape}"
             )
-        raw = params.movedim(0, -1) if isinstance(params, Tensor) else torch.stack(torch.broadcast_tensors(*params), -1)
-        k = self.bins
-        xs = self._edges(raw[..., :k], self.min_width)
-        ys = self._edges(raw[..., k : 2 * k], self.min_height)
+        return params.contiguous() if isinstance(params, Tensor) else torch.stack(torch.broadcast_tensors(*params))
+
+    def _derivative(self, r: Tensor) -> Tensor:
+        """The interior knot derivatives ``delta = (m + softplus(r + c)) / (m + softplus(c))`` (1 at ``r = 0``)."""
         m = self.min_derivative
         c = math.log(math.expm1(1.0 - m))
-        inner = (m + F.softplus(raw[..., 2 * k :] + c)) / (m + F.softplus(raw.new_tensor(c)))
-        one = raw.new_ones(()).expand(*raw.shape[:-1], 1)
-        return xs, ys, torch.cat([one, inner, one], dim=-1)
+        return (m + F.softplus(r + c)) / (m + F.softplus(r.new_tensor(c)))
 
-    def _edges(self, logits: Tensor, minimum: float) -> Tensor:
-        """Knot positions ``-B, ..., B`` (the last exactly ``B``) from ``K`` logits."""
-        b = self.bound
-        fractions = minimum + (1.0 - self.bins * minimum) * F.softmax(logits, dim=-1)
-        inner = b * (2.0 * fractions.cumsum(dim=-1)[..., :-1] - 1.0)
-        end = logits.new_ones(()).expand(*logits.shape[:-1], 1)
-        return torch.cat([-b * end, inner, b * end], dim=-1)
+    def _knots(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, y, delta)`` at the knots, each ``(K + 1, *s)``, from ``raw`` of shape ``(3K - 1, *s)``."""
+        k, b = self.bins, self.bound
+        one = raw.new_ones(()).expand(1, *raw.shape[1:])
+        xs, ys = (torch.cat([-b * one, inner, b * one]) for inner in self._interior(raw))
+        return xs, ys, torch.cat([one, self._derivative(raw[2 * k :]), one])
 
-    def _bin(self, v: Tensor, edges: Tensor, knots: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
-        """``(x0, dx, y0, dy, d0, d1)`` of the bin of ``edges`` that holds each ``v`` (in ``[-B, B]``)."""
-        shape = torch.broadcast_shapes(v.shape, edges.shape[:-1])
-        n = edges.shape[-1]
-        v = v.expand(shape).unsqueeze(-1).contiguous()
-        idx = torch.searchsorted(edges.expand(*shape, n).contiguous(), v, right=True)
-        idx = (idx - 1).clamp(0, n - 2)
-        ends = [t.expand(*shape, n) for t in knots]
-        lo = [t.gather(-1, idx).squeeze(-1) for t in ends]
-        hi = [t.gather(-1, idx + 1).squeeze(-1) for t in ends]
-        return lo[0], hi[0] - lo[0], lo[1], hi[1] - lo[1], lo[2], hi[2]
+    def knots(self, params: Params) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, y, delta)`` at the ``K + 1`` knots, each of shape ``(*s, K + 1)``, from the ``3K - 1`` raw parameters.
+
+        ``params`` is a tensor of shape ``(3K - 1, *s)`` or a sequence of ``3K - 1`` tensors of shape ``s``.
+        """
+        xs, ys, ds = self._knots(self._raw(params))
+        return xs.movedim(0, -1), ys.movedim(0, -1), ds.movedim(0, -1)
+
+    def _interior(self, raw: Tensor) -> Tensor:
+        """The ``K - 1`` interior knots of x and of y, ``(2, K - 1, *s)``, from the width and height logits.
+
+        The knots between are ``-B`` and ``B`` exactly. The widths and the heights go through one softmax
+        and one cumulative sum, and only the interior knots are written out.
+        """
+        k, b = self.bins, self.bound
+        logits = raw[: 2 * k].unflatten(0, (2, k))
+        if self.min_height == self.min_width:
+            fractions = F.softmax(logits, dim=1).mul(1.0 - k * self.min_width).add_(self.min_width)
+        else:
+            minimum = raw.new_tensor([self.min_width, self.min_height]).view(2, *(1,) * (logits.dim() - 1))
+            fractions = minimum + (1.0 - k * minimum) * F.softmax(logits, dim=1)
+        return fractions[:, :-1].cumsum(dim=1).mul_(2.0 * b).sub_(b)
 
     @staticmethod
-    def _log_derivative(z: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> tuple[Tensor, Tensor]:
-        """``(beta(xi), log g')`` at ``xi = z`` (eq. 5 of [1])."""
-        z1 = 1.0 - z
-        zz = z * z1
-        beta = s * (z * z + z1 * z1) + (d0 + d1) * zz
-        numerator = d1 * z * z + 2.0 * s * zz + d0 * z1 * z1
+    def _log_derivative(z: Tensor, z1: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> tuple[Tensor, Tensor]:
+        """``(beta(xi), log g')`` at ``xi = z``, ``z1 = 1 - z`` (eq. 5 of [1])."""
+        zz, z2, z12 = z * z1, z * z, z1 * z1
+        beta = s * (z2 + z12) + (d0 + d1) * zz
+        numerator = d1 * z2 + 2.0 * s * zz + d0 * z12
         return beta, numerator.log() + 2.0 * (s.log() - beta.log())
 
     def _locate(self, v: Tensor, params: Params, side: int) -> tuple[Tensor, ...]:
         """``v`` clamped into ``[-B, B]``, its bin's ``(x0, dx, y0, dy, d0, d1)`` and slope ``dy / dx``.
 
-        The bin is looked up among the x knots (``side=0``) or the y knots (``side=1``).
+        The bin is looked up among the x knots (``side=0``) or the y knots (``side=1``): it is the
+        number of interior knots ``<= v`` (a point on a knot starts the bin to its right; ``B`` falls in
+        the last bin), ``K - 1`` comparisons per element. The ends of the bin are gathered in one call,
+        and only the two derivatives there are computed: few operations per call, which is what the
+        sequential direction's ``D`` small steps pay for.
         """
-        knots = self.knots(params)
-        vc = v.clamp(-self.bound, self.bound)
-        x0, dx, y0, dy, d0, d1 = self._bin(vc, knots[side], knots)
+        raw = self._raw(params)
+        k, b = self.bins, self.bound
+        vc = v.clamp(-b, b)
+        shape = torch.broadcast_shapes(v.shape, raw.shape[1:])
+        lead = (1,) * (len(shape) + 1 - raw.dim())  # aligns the parameters' element shape to the right
+
+        inner = self._interior(raw)
+        inner = inner.reshape(2, k - 1, *lead, *raw.shape[1:]).expand(2, k - 1, *shape)
+        idx = (inner[side] <= vc).sum(0, keepdim=True)
+        # the bin's two knots as interior indices: -1 is the knot -B, K - 1 the knot B
+        ends = torch.cat([idx - 1, idx])
+        inside = ends.clamp(0, k - 2)
+        (x0, x1), (y0, y1) = torch.where(
+            ends < 0, -b, torch.where(ends > k - 2, b, inner.gather(1, inside.expand(2, *ends.shape)))
+        )
+        # delta_0 = delta_K = 1; interior knot j (index j - 1) reads raw derivative j - 1
+        r = raw[2 * k :].reshape(k - 1, *lead, *raw.shape[1:]).expand(k - 1, *shape)
+        d0, d1 = torch.where((ends < 0) | (ends > k - 2), 1.0, self._derivative(r.gather(0, inside)))
+        dy = y1 - y0
+        dx = x1 - x0
         return vc, x0, dx, y0, dy, d0, d1, dy / dx
 
-    def _outside(self, v: Tensor, inside_value: Tensor, ladj: Tensor) -> tuple[Tensor, Tensor]:
-        """The identity with ``log g' = 0`` outside ``[-B, B]``."""
-        inside = (v >= -self.bound) & (v <= self.bound)
+    def _outside(self, v: Tensor, vc: Tensor, inside_value: Tensor, ladj: Tensor) -> tuple[Tensor, Tensor]:
+        """The identity with ``log g' = 0`` outside ``[-B, B]`` (where the clamped ``vc`` differs from ``v``)."""
+        inside = vc == v
         return torch.where(inside, inside_value, v), torch.where(inside, ladj, 0.0)
 
     def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """``(g(x), log g'(x))`` element-wise (eqs. 4 and 5 of [1]); the identity with ``log g' = 0`` outside."""
         xc, x0, dx, y0, dy, d0, d1, s = self._locate(x, params, 0)
         z = (xc - x0) / dx
-        beta, ladj = self._log_derivative(z, s, d0, d1)
-        return self._outside(x, y0 + dy * z * (s * z + d0 * (1.0 - z)) / beta, ladj)
+        z1 = 1.0 - z
+        beta, ladj = self._log_derivative(z, z1, s, d0, d1)
+        return self._outside(x, xc, y0 + dy * z * (s * z + d0 * z1) / beta, ladj)
 
     def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """``(x, log g'(x))`` with ``x = g^{-1}(y)``, the root of the bin's quadratic (eqs. 6-8 of [1])."""
@@ -191,5 +232,25 @@ class RationalQuadraticSpline:
         positive = qb >= 0
         z = torch.where(positive, 2.0 * ts, root - qb) / torch.where(positive, qb + root, 2.0 * qa)
         z = z + (z.clamp(0.0, 1.0) - z).detach()  # the clamp mends rounding only: keep the root's gradient
-        _, ladj = self._log_derivative(z, s, d0, d1)
-        return self._outside(y, x0 + z * dx, ladj)
+        _, ladj = self._log_derivative(z, 1.0 - z, s, d0, d1)
+        return self._outside(y, yc, x0 + z * dx, ladj)
+
+
+class SplineOptions(TypedDict, total=False):
+    """The keyword options of every factory whose layers apply a :class:`RationalQuadraticSpline`."""
+
+    bins: int
+    bound: float
+
+
+def spline_map(options: Mapping[str, Any]) -> tuple[RationalQuadraticSpline, dict[str, Any]]:
+    """The :class:`RationalQuadraticSpline` that ``options`` name (``bins``, ``bound``), and the other options.
+
+    Example::
+
+        >>> g, rest = spline_map({"bins": 4, "mask": "half"})
+        >>> (g.bins, g.bound, g.num_params), rest
+        ((4, 5.0, 11), {'mask': 'half'})
+    """
+    rest = dict(options)
+    return RationalQuadraticSpline(rest.pop("bins", DEFAULT_BINS), rest.pop("bound", DEFAULT_BOUND)), rest
