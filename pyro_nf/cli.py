@@ -129,6 +129,18 @@ def _build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--grad-clip", type=float, help="largest gradient norm; 0 turns clipping off")
     optim.add_argument("--seed", type=int)
     optim.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    speed = train.add_argument_group("speed (the model and its numbers stay the same)")
+    speed.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, help="compile the flow's blocks with torch.compile"
+    )
+    speed.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="capture the whole training step in a CUDA graph and replay it (one GPU)",
+    )
+    speed.add_argument(
+        "--precision", choices=["fp32", "bf16"], help="bf16: coupling networks in bfloat16, log-dets in float32"
+    )
     arch = train.add_argument_group("architecture")
     arch.add_argument("--hidden", type=_int_list, help="vector flows: hidden widths, e.g. 128,128")
     arch.add_argument("--num-transforms", type=int, help="vector flows: number of layers")
@@ -172,7 +184,7 @@ def _build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = (
     "flow data out steps epochs batch_size lr warmup_steps grad_clip seed device hidden num_transforms levels depth "
     "hidden_channels coupling n_levels data_dir n_train n_val n_test val_every checkpoint_every log_every num_samples "
-    "progress"
+    "progress compile cuda_graphs precision"
 ).split()
 
 

@@ -15,6 +15,7 @@ from pyro_nf.data.files import is_data_file
 from pyro_nf.registry import FLOWS
 
 __all__ = [
+    "GPU_STEP_DEFAULTS",
     "IMAGE_DATASETS",
     "ConfigError",
     "NonFiniteLossError",
@@ -22,6 +23,7 @@ __all__ = [
     "data_kind",
     "merge_resume",
     "resolve_config",
+    "step_modes",
 ]
 
 DataKind = Literal["toy", "file", "image"]
@@ -84,6 +86,13 @@ class TrainConfig:
     - ``progress``: show a progress bar.
     - ``actnorm``: an ActNorm first on the data side of MAF / IAF / RealNVP (False: the data are
       standardised already; None for the other flows).
+    - ``compile``: compile the flow's repeated blocks (``torch.compile``, see :mod:`pyro_nf.compiled`).
+    - ``cuda_graphs``: capture the whole training step in a CUDA graph and replay it (one GPU, one process).
+    - ``precision``: ``"fp32"`` or ``"bf16"`` (the coupling networks of an image flow under bf16 autocast;
+      maps, log-dets and the loss in float32).
+
+      These three leave the model as it is; left as None, :func:`step_modes` picks them for the
+      device (see :data:`GPU_STEP_DEFAULTS`), and a resumed run may change them.
     - ``config_version``: the layout of this record (2: ``levels`` counts squeezes in every image flow;
       in version 1 ``levels`` of ``realnvp-multiscale`` counted scales, one more, and the vector flows had
       no ActNorm).
@@ -117,6 +126,9 @@ class TrainConfig:
     num_samples: int = 2000
     progress: bool = True
     actnorm: bool | None = None
+    compile: bool | None = None
+    cuda_graphs: bool | None = None
+    precision: str | None = None
     config_version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +170,9 @@ _RESUMABLE = {
     "progress",
     "device",
     "num_samples",
+    "compile",
+    "cuda_graphs",
+    "precision",
 }
 """Options a resumed run may change; all others must match the checkpoint."""
 
@@ -305,6 +320,59 @@ def _validate(config: TrainConfig) -> None:
             torch.device(config.device)
         except RuntimeError:
             raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {config.device!r}") from None
+    _validate_step_modes(config)
+
+
+GPU_STEP_DEFAULTS: dict[str, Any] = {"compile": False, "cuda_graphs": False, "precision": "fp32"}
+"""The training-step modes of a run on a GPU when ``--compile``, ``--cuda-graphs`` and ``--precision`` are
+not given. A mode becomes a default here once it is measured faster on a GPU and gives the same bits/dim
+(``benchmarks/gpu_images.py``, ``docs/families/images.md``); on a CPU every mode is off by default."""
+
+_BF16_FLOWS = ("glow", "realnvp-multiscale")
+
+
+def _validate_step_modes(config: TrainConfig) -> None:
+    for key in ("compile", "cuda_graphs"):
+        value = getattr(config, key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{_flag(key)}: expected true or false, got {value!r}")
+    if config.precision is not None and config.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision: expected fp32 or bf16, got {config.precision!r}")
+    if config.precision == "bf16" and config.flow not in _BF16_FLOWS:
+        raise ConfigError(
+            f"--precision bf16 runs the coupling networks of an image flow ({', '.join(_BF16_FLOWS)}) in bfloat16, "
+            f"not {config.flow}; use --precision fp32"
+        )
+    if config.cuda_graphs and config.flow == "ffjord":
+        raise ConfigError("--cuda-graphs cannot capture ffjord: its trace estimate draws noise at every step")
+
+
+def step_modes(config: TrainConfig, device: torch.device) -> tuple[bool, bool, Any]:
+    """``(compile, cuda_graphs, precision)`` of a run on ``device``: the options given, else the device's defaults.
+
+    Raises:
+        ConfigError: ``--cuda-graphs`` on a device that is not a GPU.
+
+    Example::
+
+        >>> config = resolve_config({"flow": "glow", "data": "digits", "compile": True})
+        >>> step_modes(config, torch.device("cpu"))
+        (True, False, 'fp32')
+    """
+    gpu = device.type == "cuda"
+    defaults: dict[str, Any] = (
+        GPU_STEP_DEFAULTS if gpu else {"compile": False, "cuda_graphs": False, "precision": "fp32"}
+    )
+    if not gpu and config.cuda_graphs:
+        raise ConfigError(f"--cuda-graphs needs a CUDA device, and this run is on {device}")
+    modes: dict[str, Any] = {
+        key: defaults[key] if getattr(config, key) is None else getattr(config, key) for key in defaults
+    }
+    if config.flow == "ffjord":
+        modes["cuda_graphs"] = bool(config.cuda_graphs)
+    if config.flow not in _BF16_FLOWS:
+        modes["precision"] = config.precision or "fp32"
+    return modes["compile"], modes["cuda_graphs"], modes["precision"]
 
 
 def merge_resume(saved: dict[str, Any], options: dict[str, Any]) -> TrainConfig:

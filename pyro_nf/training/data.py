@@ -20,7 +20,15 @@ from pyro_nf.metrics import bits_per_dim
 from pyro_nf.training.config import IMAGE_DATASETS, ConfigError, TrainConfig, data_kind
 from pyro_nf.transforms.preprocess import dequantize, quantize
 
-__all__ = ["Dequantize", "PreparedData", "Preprocess", "Standardize", "prepare_data", "preprocess_from_state"]
+__all__ = [
+    "Dequantize",
+    "PreparedData",
+    "Preprocess",
+    "Standardize",
+    "on_device",
+    "prepare_data",
+    "preprocess_from_state",
+]
 
 
 class Standardize:
@@ -74,7 +82,9 @@ class Dequantize:
         self.event_shape = tuple(int(s) for s in event_shape)
 
     def to_model(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Dequantized, centred images; the noise is drawn from ``generator`` (on the CPU)."""
+        """Dequantized, centred images; the noise is drawn by ``generator`` (on the CPU, or on ``x``'s device)."""
+        if generator is not None and generator.device == x.device:
+            return dequantize(x, self.n_levels, generator=generator) - 0.5
         return dequantize(x.cpu(), self.n_levels, generator=generator).to(x.device) - 0.5
 
     def metric(self, log_prob: Tensor) -> Tensor:
@@ -115,6 +125,16 @@ class PreparedData:
     def event_shape(self) -> tuple[int, ...]:
         """The shape of one sample."""
         return tuple(self.train.shape[1:])
+
+
+def on_device(train: Tensor, device: torch.device) -> Tensor:
+    """``train`` copied to the GPU ``device`` if it takes at most a quarter of the free memory there, else as it is."""
+    if device.type != "cuda":
+        return train
+    free, _ = torch.cuda.mem_get_info(device)
+    if train.numel() * train.element_size() > free // 4:
+        return train
+    return train.to(device)
 
 
 def _split(array: np.ndarray, seed: int, fractions: tuple[float, float]) -> tuple[np.ndarray, ...]:

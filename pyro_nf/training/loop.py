@@ -34,11 +34,12 @@ from pyro_nf.checks import validation
 from pyro_nf.registry import FLOWS
 from pyro_nf.rng import capture_rng_state, restore_rng_state
 from pyro_nf.training.config import ConfigError, NonFiniteLossError, TrainConfig
-from pyro_nf.training.data import prepare_data, preprocess_from_state
+from pyro_nf.training.data import on_device, prepare_data, preprocess_from_state
 from pyro_nf.training.distributed import DistributedContext
 from pyro_nf.training.figures import _figures
 from pyro_nf.training.model import _generator, _metric, _metric_name, build_model, evaluate_nll
 from pyro_nf.training.run_log import RunLog, append_history, atomic_write_text, history_rows, write_history
+from pyro_nf.training.step import TrainingStep, training_step
 
 __all__ = ["TrainResult", "train"]
 
@@ -132,6 +133,8 @@ class _Run:
         self.start = 0
         self.log = RunLog(None)
         self.progress: Any = None
+        self.trainer: TrainingStep | None = None
+        self.train_on_device: Tensor | None = None
 
     # -- 1. set-up -----------------------------------------------------------------------
     def set_up(self) -> None:
@@ -240,46 +243,73 @@ class _Run:
         self.progress = _progress(config, self.start, self.main)
         self.window = (time.perf_counter(), 0)
         self.model.train()
+        read_every = _read_interval(self.device, config)
+        pending: list[tuple[int, Tensor, float]] = []
         for step, indices in _batches(len(self.data.train), config.batch_size, config.seed, self.start):
             if step >= config.steps:
                 break
-            loss, norm, lr = self.step(step, indices)
+            reported, lr = self.step(step, indices)
             done = step + 1
-            self._report(done, loss, norm, lr)
-            if done % config.val_every == 0 or done == config.steps:
+            pending.append((done, reported, lr))
+            due = {"val": done % config.val_every == 0, "save": done % config.checkpoint_every == 0}
+            if done % read_every == 0 or any(due.values()) or done == config.steps:
+                self._read(pending)
+                pending = []
+            if due["val"] or done == config.steps:
                 self.validate(done)
-            if done % config.checkpoint_every == 0 or done == config.steps:
+            if due["save"] or done == config.steps:
                 self.save(done)
         if self.progress is not None:
             self.progress.close()
 
-    def step(self, step: int, indices: Tensor) -> tuple[float, float, float]:
-        """One optimizer step on the global batch ``indices``; returns the loss, the gradient norm and the rate."""
+    def step(self, step: int, indices: Tensor) -> tuple[Tensor, float]:
+        """One optimizer step on the global batch ``indices``: ``[loss, gradient norm]`` on the device, and the rate."""
         config, data, context = self.config, self.data, self.context
         lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        trainer = self._trainer()
+        trainer.set_lr(lr)
         share = config.batch_size // context.world_size
-        x = data.train[indices].to(self.device)
-        # The whole global batch is preprocessed (same noise as one process would draw), then sliced.
-        y = data.preprocess.to_model(x, _generator(config.seed, step))[
-            context.rank * share : (context.rank + 1) * share
-        ]
-        # The data were checked when loaded; unchecked layers and base let a NaN reach the loss test below.
+        x = self._train_batch(indices)
+        # The data were checked when loaded; unchecked layers and base let a NaN reach the loss test in _read.
         with validation(False), pyro.validation_enabled(False):
-            loss = _metric(self.ddp, data, y).mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        clip = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        reported = context.mean(torch.stack([loss.detach(), grad_norm.detach().to(loss)]))
-        loss_value, norm_value = float(reported[0]), float(reported[1])
-        if not math.isfinite(loss_value):
-            self._stop(f"the loss became {loss_value} at step {step + 1}")
-        if not math.isfinite(norm_value):
-            self._stop(f"the gradient norm became {norm_value} at step {step + 1}")
-        self.optimizer.step()
-        return loss_value, norm_value, lr
+            # The whole global batch is preprocessed (same noise as one process would draw), then sliced.
+            y = data.preprocess.to_model(x, _generator(config.seed, step, x.device))[
+                context.rank * share : (context.rank + 1) * share
+            ]
+            reported = trainer(y)
+        return context.mean(reported), lr
+
+    def _trainer(self) -> TrainingStep:
+        """The training step in the modes the configuration and the device ask for (built at the first step)."""
+        if self.trainer is None:
+
+            def loss(y: Tensor) -> Tensor:
+                return _metric(self.ddp, self.data, y).mean()
+
+            self.trainer = training_step(self.config, self.model, self.optimizer, loss, self.device, self.context)
+        return self.trainer
+
+    def _train_batch(self, indices: Tensor) -> Tensor:
+        """The batch in data units on the device; on a GPU the training set is held there when it fits."""
+        if self.device.type == "cpu":
+            return self.data.train[indices]
+        if self.train_on_device is None:
+            self.train_on_device = on_device(self.data.train, self.device)
+        if self.train_on_device.device == self.device:
+            return self.train_on_device[indices.to(self.device, non_blocking=True)]
+        return self.data.train[indices].to(self.device)
+
+    def _read(self, pending: list[tuple[int, Tensor, float]]) -> None:
+        """Read the losses of the steps since the last read (one synchronisation), stop on a NaN, report them."""
+        if not pending:
+            return
+        values = torch.stack([reported for _, reported, _ in pending]).tolist()
+        for (done, _, lr), (loss, norm) in zip(pending, values):
+            if not math.isfinite(loss):
+                self._stop(f"the loss became {loss} at step {done}")
+            if not math.isfinite(norm):
+                self._stop(f"the gradient norm became {norm} at step {done}")
+            self._report(done, loss, norm, lr)
 
     def _report(self, done: int, loss: float, norm: float, lr: float) -> None:
         """The history line and the progress bar of a step."""
@@ -383,6 +413,11 @@ class _Run:
 
     def close(self) -> None:
         self.log.close()
+
+
+def _read_interval(device: torch.device, config: TrainConfig) -> int:
+    """Steps between reads of the losses: every step on a CPU (free), every ``log_every`` on a GPU (a sync each)."""
+    return 1 if device.type == "cpu" else config.log_every
 
 
 def _version() -> str:

@@ -68,15 +68,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _generator(seed: int, step: int) -> torch.Generator:
-    """The generator of the dequantization noise of one global batch: a function of (seed, step) only."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def _generator(seed: int, step: int, device: torch.device | None = None) -> torch.Generator:
+    """The generator of the dequantization noise of one global batch: a function of (seed, step) only.
+
+    On the CPU by default; on ``device`` (a GPU) the noise is drawn there, from a generator of that device.
+    """
+    if device is None or device.type == "cpu":
+        return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
 def evaluate_nll(model: nn.Module, data: PreparedData, x: Tensor, *, batch_size: int = 1024, seed: int = 0) -> float:
     """The mean metric (nats per sample, or bits per dimension for images) of ``model`` on ``x``."""
     device = _device_of(model)
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     generator = _generator(seed, 0)
@@ -84,7 +89,6 @@ def evaluate_nll(model: nn.Module, data: PreparedData, x: Tensor, *, batch_size:
         for start in range(0, len(x), batch_size):
             chunk = x[start : start + batch_size].to(device)
             y = data.preprocess.to_model(chunk, generator)
-            total += float(_metric(_unwrap(model), data, y).double().sum())
-            count += len(chunk)
+            total += _metric(_unwrap(model), data, y).double().sum()  # read back once, at the end
     model.train(was_training)
-    return total / count
+    return float(total) / len(x)
