@@ -141,6 +141,11 @@ def _build_parser() -> argparse.ArgumentParser:
     speed.add_argument(
         "--precision", choices=["fp32", "bf16"], help="bf16: coupling networks in bfloat16, log-dets in float32"
     )
+    speed.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="convolution weights in the channels_last memory format (default: off)",
+    )
     arch = train.add_argument_group("architecture")
     arch.add_argument("--hidden", type=_int_list, help="vector flows: hidden widths, e.g. 128,128")
     arch.add_argument("--num-transforms", type=int, help="vector flows: number of layers")
@@ -184,7 +189,7 @@ def _build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = (
     "flow data out steps epochs batch_size lr warmup_steps grad_clip seed device hidden num_transforms levels depth "
     "hidden_channels coupling n_levels data_dir n_train n_val n_test val_every checkpoint_every log_every num_samples "
-    "progress compile cuda_graphs precision"
+    "progress compile cuda_graphs precision channels_last"
 ).split()
 
 

@@ -69,6 +69,18 @@ def test_a_fresh_glow_compiles_whole_and_initialises_actnorm_as_eager_does() -> 
     torch.testing.assert_close(run(_batch(2)), eager(_batch(2)), rtol=0, atol=0)  # the fused path, compiled again
 
 
+def test_a_whole_model_compiles_in_one_graph_with_distribution_checks_on() -> None:
+    """The base Normal skips its argument checks while compiling, whatever torch's default (Pyro's switch) says."""
+    before = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(True)
+    try:
+        model = _initialised(_glow_model())
+        run = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(run(_batch(4)), model(_batch(4)), rtol=0, atol=0)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(before)
+
+
 def test_a_loaded_glow_keeps_its_initialisation_under_compilation() -> None:
     trained = _initialised(_glow_model())
     fresh = _glow_model(seed=5)

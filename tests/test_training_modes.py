@@ -25,15 +25,20 @@ __all__ = ["digits_file"]  # the fixture, shared with test_cli (its NaN test run
 
 
 def test_the_flags_parse_and_default_to_none() -> None:
-    options = parse_args(["train", "--compile", "--no-cuda-graphs", "--precision", "bf16"]).options  # type: ignore[union-attr]
-    assert (options["compile"], options["cuda_graphs"], options["precision"]) == (True, False, "bf16")
+    argv = ["train", "--compile", "--no-cuda-graphs", "--precision", "bf16", "--no-channels-last"]
+    options = parse_args(argv).options  # type: ignore[union-attr]
+    keys = ("compile", "cuda_graphs", "precision", "channels_last")
+    assert tuple(options[k] for k in keys) == (True, False, "bf16", False)
     options = parse_args(["train"]).options  # type: ignore[union-attr]
-    assert (options["compile"], options["cuda_graphs"], options["precision"]) == (None, None, None)
+    assert tuple(options[k] for k in keys) == (None, None, None, None)
 
 
 def test_step_modes_on_the_cpu() -> None:
     config = resolve_config({"flow": "glow", "data": "digits"})
-    assert step_modes(config, torch.device("cpu")) == (False, False, "fp32")
+    cpu = {"compile": False, "cuda_graphs": False, "precision": "fp32", "channels_last": False}
+    assert step_modes(config, torch.device("cpu")) == cpu
+    config = resolve_config({"flow": "glow", "data": "digits", "channels_last": True, "precision": "bf16"})
+    assert step_modes(config, torch.device("cpu")) == {**cpu, "channels_last": True, "precision": "bf16"}
     config = resolve_config({"flow": "glow", "data": "digits", "cuda_graphs": True})
     with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA device, and this run is on cpu"):
         step_modes(config, torch.device("cpu"))

@@ -15,6 +15,7 @@ from pyro_nf.data.files import is_data_file
 from pyro_nf.registry import FLOWS
 
 __all__ = [
+    "CPU_STEP_DEFAULTS",
     "GPU_STEP_DEFAULTS",
     "IMAGE_DATASETS",
     "ConfigError",
@@ -90,9 +91,10 @@ class TrainConfig:
     - ``cuda_graphs``: capture the whole training step in a CUDA graph and replay it (one GPU, one process).
     - ``precision``: ``"fp32"`` or ``"bf16"`` (the coupling networks of an image flow under bf16 autocast;
       maps, log-dets and the loss in float32).
+    - ``channels_last``: the convolution weights in the ``channels_last`` memory format.
 
-      These three leave the model as it is; left as None, :func:`step_modes` picks them for the
-      device (see :data:`GPU_STEP_DEFAULTS`), and a resumed run may change them.
+      These four leave the model as it is; left as None, :func:`step_modes` picks them for the
+      device (:data:`CPU_STEP_DEFAULTS`, :data:`GPU_STEP_DEFAULTS`), and a resumed run may change them.
     - ``config_version``: the layout of this record (2: ``levels`` counts squeezes in every image flow;
       in version 1 ``levels`` of ``realnvp-multiscale`` counted scales, one more, and the vector flows had
       no ActNorm).
@@ -129,6 +131,7 @@ class TrainConfig:
     compile: bool | None = None
     cuda_graphs: bool | None = None
     precision: str | None = None
+    channels_last: bool | None = None
     config_version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +176,7 @@ _RESUMABLE = {
     "compile",
     "cuda_graphs",
     "precision",
+    "channels_last",
 }
 """Options a resumed run may change; all others must match the checkpoint."""
 
@@ -323,16 +327,30 @@ def _validate(config: TrainConfig) -> None:
     _validate_step_modes(config)
 
 
-GPU_STEP_DEFAULTS: dict[str, Any] = {"compile": False, "cuda_graphs": False, "precision": "fp32"}
-"""The training-step modes of a run on a GPU when ``--compile``, ``--cuda-graphs`` and ``--precision`` are
-not given. A mode becomes a default here once it is measured faster on a GPU and gives the same bits/dim
-(``benchmarks/gpu_images.py``, ``docs/families/images.md``); on a CPU every mode is off by default."""
+GPU_STEP_DEFAULTS: dict[str, Any] = {
+    "compile": False,
+    "cuda_graphs": False,
+    "precision": "fp32",
+    "channels_last": False,
+}
+"""The training-step modes of a run on a GPU when ``--compile``, ``--cuda-graphs``, ``--precision`` and
+``--channels-last`` are not given. A mode becomes a default here once it is measured faster on a GPU and gives
+the same bits/dim (``benchmarks/gpu_images.py``, ``docs/families/images.md``)."""
+
+CPU_STEP_DEFAULTS: dict[str, Any] = {
+    "compile": False,
+    "cuda_graphs": False,
+    "precision": "fp32",
+    "channels_last": False,
+}
+"""The same on a CPU: every mode off. ``channels_last`` stays off until it is measured faster in the training
+loop and shown to keep a run of two processes (DDP) equal to a run of one."""
 
 _BF16_FLOWS = ("glow", "realnvp-multiscale")
 
 
 def _validate_step_modes(config: TrainConfig) -> None:
-    for key in ("compile", "cuda_graphs"):
+    for key in ("compile", "cuda_graphs", "channels_last"):
         value = getattr(config, key)
         if value is not None and not isinstance(value, bool):
             raise ConfigError(f"{_flag(key)}: expected true or false, got {value!r}")
@@ -347,8 +365,10 @@ def _validate_step_modes(config: TrainConfig) -> None:
         raise ConfigError("--cuda-graphs cannot capture ffjord: its trace estimate draws noise at every step")
 
 
-def step_modes(config: TrainConfig, device: torch.device) -> tuple[bool, bool, Any]:
-    """``(compile, cuda_graphs, precision)`` of a run on ``device``: the options given, else the device's defaults.
+def step_modes(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The training-step modes of a run on ``device``: the options given, else the device's defaults.
+
+    Keys ``compile``, ``cuda_graphs``, ``precision`` and ``channels_last`` (see :class:`TrainConfig`).
 
     Raises:
         ConfigError: ``--cuda-graphs`` on a device that is not a GPU.
@@ -357,22 +377,18 @@ def step_modes(config: TrainConfig, device: torch.device) -> tuple[bool, bool, A
 
         >>> config = resolve_config({"flow": "glow", "data": "digits", "compile": True})
         >>> step_modes(config, torch.device("cpu"))
-        (True, False, 'fp32')
+        {'compile': True, 'cuda_graphs': False, 'precision': 'fp32', 'channels_last': False}
     """
     gpu = device.type == "cuda"
-    defaults: dict[str, Any] = (
-        GPU_STEP_DEFAULTS if gpu else {"compile": False, "cuda_graphs": False, "precision": "fp32"}
-    )
     if not gpu and config.cuda_graphs:
         raise ConfigError(f"--cuda-graphs needs a CUDA device, and this run is on {device}")
-    modes: dict[str, Any] = {
-        key: defaults[key] if getattr(config, key) is None else getattr(config, key) for key in defaults
-    }
+    defaults = GPU_STEP_DEFAULTS if gpu else CPU_STEP_DEFAULTS
+    modes = {key: defaults[key] if getattr(config, key) is None else getattr(config, key) for key in defaults}
     if config.flow == "ffjord":
         modes["cuda_graphs"] = bool(config.cuda_graphs)
     if config.flow not in _BF16_FLOWS:
         modes["precision"] = config.precision or "fp32"
-    return modes["compile"], modes["cuda_graphs"], modes["precision"]
+    return modes
 
 
 def merge_resume(saved: dict[str, Any], options: dict[str, Any]) -> TrainConfig:
