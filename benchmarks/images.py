@@ -21,10 +21,13 @@ GPU; evaluation is not counted. Every ``--eval-every-minutes`` it computes the t
 ``--n-test`` test images and rewrites ``DIR/table.md``, ``DIR/curve.json`` and ``DIR/curve.png`` (the curve
 beside the published MNIST results of Glow and RealNVP).
 
-Throughput (``--throughput --device cuda``): images per second of a training step (forward, backward,
+Throughput (``--throughput [--device cuda]``): images per second of a training step (forward, backward,
 Adam) at ``--batch-size`` (default 256) of the default MNIST Glow (2 levels, depth 16, hidden 256, affine
-couplings: pyro_nf's training configuration for MNIST) in each library, timed over ``--steps`` steps after
-``--warmup`` untimed ones, with ``torch.cuda.synchronize`` around the timed steps.
+couplings: pyro_nf's training configuration for MNIST), pyro_nf in each mode of its training step (eager,
+fused Adam, channels_last, bf16, compiled, captured in a CUDA graph, and their combinations; ``--modes``)
+beside normflows and nflows, timed over ``--steps`` steps after ``--warmup`` untimed ones, with a device
+synchronisation around the timed steps (see ``benchmarks/image_speed.py``). ``--docs PAGE`` writes the table
+and the command into the page.
 
 Class-conditional (``--class-conditional``, digits): pyro_nf's ``glow`` and ``conditional_glow`` (the same
 Glow with a prior conditioned on the one-hot label) trained on the same batches in turn. Reported: test
@@ -513,61 +516,12 @@ def plot_budget_curve(curve: list[tuple[float, int, float]], unit: str, title: s
     plt.close(fig)
 
 
-def _images_per_second(make, args: argparse.Namespace, device: torch.device) -> tuple[int, float]:  # type: ignore[no-untyped-def]
-    torch.manual_seed(args.seed)
-    model, log_prob, _ = make(args.depth, args.hidden, MNIST_SHAPE, args.levels)
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    y = torch.rand(args.batch_size, *MNIST_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    clock = _Clock(device)
-    start = clock()
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            start = clock()
-        loss = bits_per_dim(log_prob(y), MNIST_SHAPE, 256).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    seconds = clock() - start
-    return sum(p.numel() for p in model.parameters()), args.batch_size * args.steps / seconds
-
-
 def throughput(args: argparse.Namespace) -> str:
-    """Images per second of a training step (forward, backward, Adam) of Glow on MNIST in each library.
+    """Images per second of a Glow training step: pyro_nf in each mode beside normflows and nflows (``image_speed``)."""
+    from image_speed import throughput as run_throughput
 
-    A library that is not installed is left out; one that fails on this device gets its error in the table.
-    """
-    device = torch.device(args.device)
-    config = {"levels": args.levels, "depth": args.depth, "hidden": args.hidden}
-    rows: dict[str, tuple[str, str]] = {}
-    n, rate = _images_per_second(pyro_nf_glow, args, device)
-    rows["pyro_nf"] = (str(n), f"{rate:.0f}")
-    for name, make in (("normflows", normflows_glow), ("nflows", nflows_glow)):
-        try:
-            n, rate = _images_per_second(make, args, device)
-        except ImportError:
-            continue
-        except Exception as error:  # report the failure of another library, keep the others' numbers
-            rows[name] = ("-", f"failed: {type(error).__name__}: {error}".replace("|", "/")[:200])
-            continue
-        rows[name] = (str(n), f"{rate:.0f}")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    lines = [
-        f"Glow training step on MNIST (1x28x28): {config['levels']} levels x depth {config['depth']}, "
-        f"hidden {config['hidden']}, affine couplings, batch {args.batch_size}; {args.steps} timed steps after "
-        f"{args.warmup} warm-up steps; {gpu}, torch {torch.__version__}",
-        "",
-        "| library | parameters | images / s |",
-        "| --- | --- | --- |",
-    ]
-    lines += [f"| {name} | {n} | {rate} |" for name, (n, rate) in rows.items()]
-    table = "\n".join(lines)
-    print(table)
-    if args.output:
-        Path(args.output).write_text(table + "\n")
-    return table
+    makers = {"pyro_nf": pyro_nf_glow, "normflows": normflows_glow, "nflows": nflows_glow}
+    return run_throughput(args, makers)[0]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -594,6 +548,11 @@ def main(argv: list[str] | None = None) -> str:
     speed = parser.add_argument_group("images per second of a training step of the default MNIST Glow")
     speed.add_argument("--throughput", action="store_true", help="levels 2, depth 16, hidden 256 unless given")
     speed.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    speed.add_argument("--modes", default=None, help="pyro_nf's modes, comma-separated (default: all)")
+    speed.add_argument("--time-budget-s", type=float, default=None, help="skip the modes left after this")
+    speed.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    speed.add_argument("--docs", default=None, help="write the table into this page (docs/families/images.md)")
+    speed.add_argument("--compile-backend", default="inductor", help="torch.compile's backend for compiled modes")
     parser.add_argument("--class-conditional", action="store_true", help="glow against conditional_glow on digits")
     parser.add_argument("--spline", action="store_true", help="glow with spline against affine couplings, digits")
     cnf = parser.add_argument_group("the multiscale CNF by flow matching against Glow, on digits")

@@ -160,6 +160,27 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     optim.add_argument("--seed", type=int, help=default("seed", "seeds the initialisation, the split and the noise"))
     optim.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    speed = train.add_argument_group("speed (the model and its numbers stay the same)")
+    speed.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="compile the flow's blocks with torch.compile (default: off)",
+    )
+    speed.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="capture the whole training step in a CUDA graph and replay it (one GPU; default: off)",
+    )
+    speed.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="bf16: coupling networks in bfloat16, log-dets in float32 (default: fp32)",
+    )
+    speed.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="convolution weights in the channels_last memory format (default: off)",
+    )
     arch = train.add_argument_group("architecture")
     arch.add_argument("--hidden", type=_int_list, help=default("hidden", "vector flows: hidden widths, e.g. 128,128"))
     arch.add_argument("--num-transforms", type=int, help=default("num_transforms", "vector flows: number of layers"))
@@ -225,7 +246,7 @@ def _build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = (
     "flow data out steps epochs batch_size lr warmup_steps grad_clip seed device hidden num_transforms levels depth "
     "hidden_channels coupling n_levels data_dir n_train n_val n_test val_every checkpoint_every log_every num_samples "
-    "progress objective fm_path fm_coupling fm_sigma_min"
+    "progress objective fm_path fm_coupling fm_sigma_min compile cuda_graphs precision channels_last"
 ).split()
 
 

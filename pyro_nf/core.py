@@ -21,7 +21,7 @@ never after the parameters (or the context) changed, so users never need
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -34,17 +34,31 @@ from pyro_nf.checks import check_tensor, validation_enabled
 Direction = Literal["forward", "inverse", "both"]
 
 
-def _versions(source: nn.Module | Tensor | None) -> Iterator[object]:
-    if source is None:
-        return
-    tensors: Iterator[Tensor]
-    if isinstance(source, Tensor):
-        tensors = iter((source,))
-    else:
-        tensors = iter([*source.parameters(), *source.buffers()])
-    for t in tensors:
-        yield id(t)
-        yield t._version
+def _versions(sources: Iterable[nn.Module | Tensor | None]) -> list[object]:
+    """``id`` and version counter of every parameter and buffer of ``sources`` (modules or tensors), in order.
+
+    Walks the modules' own dictionaries rather than ``parameters()`` and ``buffers()``: a deep
+    Glow has some 550 tensors in 70 leaf modules, and this walk costs a tenth of theirs.
+    """
+    out: list[object] = []
+    append = out.append
+    for source in sources:
+        if source is None:
+            continue
+        if isinstance(source, Tensor):
+            append(id(source))
+            append(source._version)
+            continue
+        stack = [source]
+        while stack:
+            module = stack.pop()
+            for table in (module._parameters, module._buffers):
+                for t in table.values():
+                    if t is not None:
+                        append(id(t))
+                        append(t._version)
+            stack.extend(m for m in module._modules.values() if m is not None)
+    return out
 
 
 class _Kept(NamedTuple):
@@ -112,7 +126,7 @@ class FlowTransform(Transform):
 
     def _stamp(self) -> tuple[object, ...] | None:
         try:
-            versions = [v for s in self._stamp_sources() for v in _versions(s)]
+            versions = _versions(self._stamp_sources())
         except RuntimeError:  # inference tensors carry no version counter
             return None
         versions.append(torch.is_grad_enabled())
@@ -205,6 +219,8 @@ class FlowTransform(Transform):
     def __getstate__(self) -> dict[str, object]:
         state = super().__getstate__()
         state["_kept"] = None
+        for name in ("_forward_and_log_det", "_inverse_and_log_det"):  # compiled methods (pyro_nf.compiled)
+            state.pop(name, None)
         return state
 
 
@@ -352,21 +368,23 @@ class FlowStack(FlowTransformModule):
 
     def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         event_dim = self.domain.event_dim
-        total: Tensor | int = 0
+        total: Tensor | None = None
         for part in self.parts:
             x, log_det = fused_forward(part, x)
-            total = total + _sum_event(log_det, event_dim - part.domain.event_dim)
-        if isinstance(total, int):
+            log_det = _sum_event(log_det, event_dim - part.domain.event_dim)
+            total = log_det if total is None else total + log_det
+        if total is None:
             total = x.new_zeros(x.shape[: x.dim() - event_dim])
         return x, total
 
     def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         event_dim = self.domain.event_dim
-        total: Tensor | int = 0
+        total: Tensor | None = None
         for part in reversed(self.parts):
             y, log_det = fused_inverse(part, y)
-            total = total + _sum_event(log_det, event_dim - part.domain.event_dim)
-        if isinstance(total, int):
+            log_det = _sum_event(log_det, event_dim - part.domain.event_dim)
+            total = log_det if total is None else total + log_det
+        if total is None:
             total = y.new_zeros(y.shape[: y.dim() - event_dim])
         return y, total
 

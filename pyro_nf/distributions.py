@@ -97,8 +97,13 @@ class _StandardNormalBase(nn.Module):
 
     @property
     def base_dist(self) -> dist.TorchDistribution:
-        """The base distribution ``Normal(0, 1)`` over the event shape, on the model's device and dtype."""
-        return dist.Normal(self.loc, self.scale).to_event(len(self.event_shape))
+        """The base distribution ``Normal(0, 1)`` over the event shape, on the model's device and dtype.
+
+        While compiling, its argument and sample checks are off (they read values back): ``torch.compile`` of a
+        whole model then makes one graph whatever the state of Pyro's validation switch.
+        """
+        validate = False if torch.compiler.is_compiling() else None
+        return dist.Normal(self.loc, self.scale, validate_args=validate).to_event(len(self.event_shape))
 
     def _check(self, x: Tensor) -> None:
         if validation_enabled():

@@ -12,7 +12,9 @@ with a single launch:
   noise is drawn outside the graph, into its input, then the flow is replayed;
 - :func:`capture_module` records the forward and the backward pass of a module (for
   example a :class:`~pyro_nf.FlowModel`, whose forward is ``log_prob``) for training, with
-  :func:`torch.cuda.make_graphed_callables`.
+  :func:`torch.cuda.make_graphed_callables`;
+- :func:`capture_step` records a whole training step, forward, backward and the optimizer's
+  update, as one graph (:class:`pyro_nf.training.step.TrainingStep` builds on it).
 
 What a replay does is fixed at capture time: the same shapes, dtypes and device, and the
 Python control flow taken then. Parameters and buffers are read in place, so optimizer
@@ -45,7 +47,7 @@ from torch import Tensor, nn
 from pyro_nf.checks import validation
 from pyro_nf.core import fused_forward
 
-__all__ = ["CapturedCall", "capture", "capture_module", "capture_sampler"]
+__all__ = ["CapturedCall", "capture", "capture_module", "capture_sampler", "capture_step"]
 
 
 @contextlib.contextmanager
@@ -136,9 +138,17 @@ def capture(
         ValueError: if an input or ``device`` is not on CUDA.
     """
     device = _cuda_device(device, inputs, "capture")
+    with torch.no_grad():
+        return _record(fn, inputs, device, warmup, copy_outputs)
+
+
+def _record(
+    fn: Callable[..., Any], inputs: tuple[Tensor, ...], device: torch.device, warmup: int, copy_outputs: bool
+) -> CapturedCall:
+    """Warm ``fn`` up on a side stream, then record one call of it on static copies of ``inputs``."""
     static = tuple(x.detach().clone() for x in inputs)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device), torch.no_grad(), _capturable():
+    with torch.cuda.device(device), _capturable():
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -148,6 +158,26 @@ def capture(
         with torch.cuda.graph(graph):
             outputs = fn(*static)
     return CapturedCall(graph, static, outputs, copy_outputs)
+
+
+def capture_step(step: Callable[..., Any], *inputs: Tensor, warmup: int = 3) -> CapturedCall:
+    """Record a whole training step — forward, backward and the optimizer's update — as one CUDA graph.
+
+    ``step(*inputs)`` must set the gradients to None first (``optimizer.zero_grad(set_to_none=True)``,
+    so that the backward pass allocates them in the graph's memory), then compute the loss, call
+    ``backward()``, clip and update, and return tensors (the loss, the gradient norm). The optimizer
+    must be capturable (``torch.optim.Adam(..., capturable=True)``; a learning rate that changes
+    between replays must be a tensor on the device, updated in place). Each call of the result
+    copies the inputs into the graph's static inputs, replays the whole step with one launch and
+    returns copies of its outputs.
+
+    The ``warmup`` calls before the capture are real steps: they update the parameters and the
+    optimizer state, so save what must not change and put it back after the capture
+    (:class:`pyro_nf.training.step.TrainingStep` does). Nothing may read a value back to the host
+    inside ``step`` (no ``.item()``; pyro_nf's input checks are switched off while recording).
+    """
+    device = _cuda_device(None, inputs, "capture_step")
+    return _record(step, inputs, device, warmup, copy_outputs=True)
 
 
 def capture_module(module: nn.Module, *inputs: Tensor, warmup: int = 3) -> Callable[..., Any]:

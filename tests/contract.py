@@ -2,10 +2,15 @@
 
 A transform family joins the suite by adding one :class:`Case` to ``CASES``;
 ``tests/test_contract.py`` runs every case through the same checks.
+
+With ``PYRO_NF_COMPILE=BACKEND`` in the environment (``aot_eager``, ``inductor``, ...) every image case
+is built with its blocks compiled (:func:`pyro_nf.compiled.compile_flow`), so the suite runs the image
+flows in the compiled mode: ``PYRO_NF_COMPILE=aot_eager pytest tests/test_contract.py``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +19,7 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch import Tensor, nn
 from torch.distributions import Transform
 
+from pyro_nf.compiled import compile_flow
 from pyro_nf.core import FlowStack, InverseTransformModule
 from pyro_nf.transforms import (
     FFJORD,
@@ -45,6 +51,8 @@ from pyro_nf.transforms import (
 from pyro_nf.transforms.multiscale import squeezed_shape
 
 CONTEXT_DIM = 3
+COMPILE_BACKEND = os.environ.get("PYRO_NF_COMPILE") or None
+"""The ``torch.compile`` backend every case is compiled with, or None (eager)."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +299,9 @@ def instantiate(
     assert isinstance(owner, nn.Module)
     perturb(owner, std, seed)
     owner.to(dtype).eval()
+    if COMPILE_BACKEND is not None and not case.vector:
+        torch._dynamo.reset()  # every case compiles afresh: no variant limit shared across cases
+        compile_flow(owner, backend=COMPILE_BACKEND)
     return Instance(owner, *condition(case, owner, batch, dtype))
 
 

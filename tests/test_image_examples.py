@@ -103,14 +103,36 @@ def test_mnist_budget_smoke(tmp_path: Path) -> None:
 
 
 def test_throughput_builds_the_default_mnist_glow(tmp_path: Path) -> None:
-    out = tmp_path / "speed.md"
-    _run_benchmark(tmp_path, "--throughput", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--output", str(out))
+    out, rows_json = tmp_path / "speed.md", tmp_path / "speed.json"
+    argv = ["--throughput", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--modes", "eager,bf16,captured"]
+    _run_benchmark(tmp_path, *argv, "--output", str(out), "--json", str(rows_json))
     text = out.read_text()
     assert "2 levels x depth 16, hidden 256" in text and "batch 2" in text
-    rows = {r[0]: (int(r[1]), float(r[2])) for r in _table_rows(out)}
-    assert set(rows) == {"pyro_nf", "normflows", "nflows"}
-    assert rows["pyro_nf"][0] == 2780492  # glow((1, 28, 28), levels=2, depth=16, hidden_channels=256)
-    assert all(rate > 0 for _, rate in rows.values())
+    rows = {(r[0], r[1]): r[2:] for r in _table_rows(out)}
+    assert set(rows) == {
+        ("normflows", "eager"),
+        ("nflows", "eager"),
+        *(("pyro_nf", m) for m in ("eager", "bf16", "captured")),
+    }
+    assert int(rows[("pyro_nf", "eager")][0]) == 2780492  # glow((1, 28, 28), levels=2, depth=16, hidden_channels=256)
+    ran = [r for r in json.loads(rows_json.read_text())["rows"] if "error" not in r]
+    assert {(r["library"], r["mode"]) for r in ran} == set(rows) - {("pyro_nf", "captured")}  # no GPU here
+    assert all(r["images_per_s"] > 0 and math.isfinite(r["loss_bpd"]) for r in ran)
+    assert "needs a CUDA device" in rows[("pyro_nf", "captured")][-1]
+
+
+def test_gpu_script_smoke(tmp_path: Path) -> None:
+    """The prepared GPU measurement in its CPU smoke mode: both parts run and write their files."""
+    script = ROOT / "benchmarks" / "gpu_images.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, str(script), "--smoke-test", "--out-dir", str(tmp_path), "--parts", "throughput"]
+    subprocess.run(argv, check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "(a) Throughput\n" in summary and "FAILED" not in summary
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    modes = {r["mode"]: r for r in rows if r["library"] == "pyro_nf"}
+    assert set(modes) == {"eager", "compiled", "bf16", "captured"}
+    assert all(math.isfinite(modes[m]["loss_bpd"]) for m in ("eager", "compiled", "bf16"))
 
 
 def test_class_conditional_smoke(tmp_path: Path) -> None:

@@ -41,6 +41,8 @@ def _zero_conv(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.
 
 def _apply_2d(net: nn.Module, x: Tensor) -> Tensor:
     """Run a 4D-only module on ``(..., C, H, W)``, flattening and restoring the batch dims."""
+    if x.dim() == 4:  # one batch dimension: no reshaping needed
+        return net(x)  # type: ignore[no-any-return]
     if x.dim() < 3:
         raise ValueError(f"expected an image tensor of shape (..., C, H, W), got shape {tuple(x.shape)}")
     batch = x.shape[:-3]

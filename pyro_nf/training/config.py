@@ -12,7 +12,13 @@ from pyro_nf.data import TOY_DATASETS
 from pyro_nf.data.files import is_data_file
 from pyro_nf.registry import FLOWS
 from pyro_nf.training.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
-from pyro_nf.training.validation import OBJECTIVES, check_device_name, validate_objective
+from pyro_nf.training.validation import (
+    OBJECTIVES,
+    check_device_name,
+    settle_objective,
+    validate_objective,
+    validate_step_modes,
+)
 from pyro_nf.transforms.image_coupling import COUPLINGS
 
 __all__ = [
@@ -29,9 +35,6 @@ __all__ = [
 ]
 
 DataKind = Literal["toy", "file", "image"]
-
-
-_FLOW_MATCHING_DEFAULTS = {"fm_path": "linear", "fm_coupling": "independent", "fm_sigma_min": 0.0}
 
 
 CONFIG_VERSION = 2
@@ -87,6 +90,16 @@ class TrainConfig:
       ``ffjord`` and ``ffjord-multiscale``: :func:`~pyro_nf.transforms.flow_matching.flow_matching_loss`).
     - ``fm_path``, ``fm_coupling``, ``fm_sigma_min``: the flow-matching path (``"linear"`` or ``"cosine"``),
       pairing (``"independent"`` or ``"ot"``) and end width ``sigma_min`` (None with the likelihood).
+    - ``compile``: compile the flow's repeated blocks (``torch.compile``, see :mod:`pyro_nf.compiled`).
+    - ``cuda_graphs``: capture the whole training step in a CUDA graph and replay it (one GPU, one process).
+    - ``precision``: ``"fp32"`` or ``"bf16"`` (the coupling networks of an image flow under bf16 autocast;
+      maps, log-dets and the loss in float32).
+    - ``channels_last``: the convolution weights in the ``channels_last`` memory format.
+
+      These four leave the model as it is; left as None,
+      :func:`~pyro_nf.training.validation.step_modes` picks them for the device
+      (:data:`~pyro_nf.training.validation.CPU_STEP_DEFAULTS`,
+      :data:`~pyro_nf.training.validation.GPU_STEP_DEFAULTS`), and a resumed run may change them.
     - ``config_version``: the layout of this record (2: ``levels`` counts squeezes in every image flow;
       in version 1 ``levels`` of ``realnvp-multiscale`` counted scales, one more, and the vector flows had
       no ActNorm).
@@ -124,6 +137,10 @@ class TrainConfig:
     fm_path: str | None = None
     fm_coupling: str | None = None
     fm_sigma_min: float | None = None
+    compile: bool | None = None
+    cuda_graphs: bool | None = None
+    precision: str | None = None
+    channels_last: bool | None = None
     config_version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +200,10 @@ RESUMABLE = frozenset(
         "progress",
         "device",
         "num_samples",
+        "compile",
+        "cuda_graphs",
+        "precision",
+        "channels_last",
     }
 )
 """Options a resumed run may change; all others (the model, the split, the seed) must match the checkpoint.
@@ -350,22 +371,9 @@ def resolve_config(options: dict[str, Any]) -> TrainConfig:
     if "checkpoint_every" not in values:
         merged["checkpoint_every"] = merged.get("val_every", 500)
     config = TrainConfig(**merged)
-    _settle_objective(config, given=values)
+    settle_objective(config, given=values)
     _validate(config)
     return config
-
-
-def _settle_objective(config: TrainConfig, given: dict[str, Any]) -> None:
-    """Fill the flow-matching options of a flow-matching run; refuse them (when given) otherwise."""
-    if config.objective == "flow-matching":
-        for key, default in _FLOW_MATCHING_DEFAULTS.items():
-            if getattr(config, key) is None:
-                setattr(config, key, default)
-        return
-    for key in _FLOW_MATCHING_DEFAULTS:
-        if given.get(key) is not None:
-            raise ConfigError(f"{_flag(key)} applies to --objective flow-matching, not to {config.objective!r}")
-        setattr(config, key, None)
 
 
 def _validate(config: TrainConfig) -> None:
@@ -403,6 +411,7 @@ def _validate(config: TrainConfig) -> None:
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         raise ConfigError(f"--seed: expected an integer >= 0, got {config.seed!r}")
     validate_objective(config.flow, config.objective, config.fm_path, config.fm_coupling, config.fm_sigma_min)
+    validate_step_modes(config)
 
 
 def merge_resume(saved: dict[str, Any], options: dict[str, Any]) -> TrainConfig:
@@ -436,6 +445,6 @@ def merge_resume(saved: dict[str, Any], options: dict[str, Any]) -> TrainConfig:
         raise ConfigError(
             f"--data {config.data!r}: a resumed run keeps its kind of data (it was {saved.get('data')!r})"
         )
-    _settle_objective(config, given=given)
+    settle_objective(config, given=given)
     _validate(config)
     return config

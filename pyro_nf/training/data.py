@@ -6,7 +6,7 @@ them and fits the fixed preprocessing whose log-determinant the loss counts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,7 +20,16 @@ from pyro_nf.metrics import bits_per_dim
 from pyro_nf.training.config import IMAGE_DATASETS, ConfigError, TrainConfig, data_kind
 from pyro_nf.transforms.preprocess import dequantize, quantize
 
-__all__ = ["Dequantize", "PreparedData", "Preprocess", "Standardize", "prepare_data", "preprocess_from_state"]
+__all__ = [
+    "Dequantize",
+    "PreparedData",
+    "Preprocess",
+    "Standardize",
+    "batch_order",
+    "on_device",
+    "prepare_data",
+    "preprocess_from_state",
+]
 
 
 class Standardize:
@@ -74,7 +83,9 @@ class Dequantize:
         self.event_shape = tuple(int(s) for s in event_shape)
 
     def to_model(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Dequantized, centred images; the noise is drawn from ``generator`` (on the CPU)."""
+        """Dequantized, centred images; the noise is drawn by ``generator`` (on the CPU, or on ``x``'s device)."""
+        if generator is not None and generator.device == x.device:
+            return dequantize(x, self.n_levels, generator=generator) - 0.5
         return dequantize(x.cpu(), self.n_levels, generator=generator).to(x.device) - 0.5
 
     def metric(self, log_prob: Tensor) -> Tensor:
@@ -116,6 +127,16 @@ class PreparedData:
     def event_shape(self) -> tuple[int, ...]:
         """The shape of one sample."""
         return tuple(self.train.shape[1:])
+
+
+def on_device(train: Tensor, device: torch.device) -> Tensor:
+    """``train`` copied to the GPU ``device`` if it takes at most a quarter of the free memory there, else as it is."""
+    if device.type != "cuda":
+        return train
+    free, _ = torch.cuda.mem_get_info(device)
+    if train.numel() * train.element_size() > free // 4:
+        return train
+    return train.to(device)
 
 
 def _split(array: np.ndarray, seed: int, fractions: tuple[float, float]) -> tuple[np.ndarray, ...]:
@@ -203,3 +224,21 @@ def _load_image_dataset(name: str, data_dir: str | None) -> tuple[np.ndarray, np
     except ImportError as error:  # a dataset whose reader is an optional dependency: a usage error, one line
         raise ConfigError(f"--data {name}: {error}") from error
     return result.train.numpy(), result.test.numpy(), int(result.n_levels)
+
+
+def batch_order(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[tuple[int, Tensor]]:
+    """``(step, indices of the global batch)`` from ``start_step`` on; each epoch is a fresh permutation.
+
+    The order is a function of (seed, epoch) only, so a resumed run and every
+    process of a distributed run draw the same batches.
+    """
+    per_epoch = n // batch_size
+    step = start_step
+    epoch, permutation = -1, torch.empty(0, dtype=torch.long)
+    while True:
+        current, offset = divmod(step, per_epoch)
+        if current != epoch:
+            epoch = current
+            permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch + 1))
+        yield step, permutation[offset * batch_size : (offset + 1) * batch_size]
+        step += 1

@@ -19,7 +19,6 @@ import math
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from pyro_nf.checks import validation
 from pyro_nf.registry import FLOWS
 from pyro_nf.rng import capture_rng_state, restore_rng_state
 from pyro_nf.training.config import ConfigError, NonFiniteLossError, TrainConfig, TrainingInterrupted
-from pyro_nf.training.data import prepare_data, preprocess_from_state
+from pyro_nf.training.data import batch_order, on_device, prepare_data, preprocess_from_state
 from pyro_nf.training.distributed import DistributedContext
 from pyro_nf.training.figures import _figures
 from pyro_nf.training.model import _generator, _metric, _metric_name, build_model
@@ -51,6 +50,7 @@ from pyro_nf.training.run_log import (
     write_history,
 )
 from pyro_nf.training.run_record import load_model_state, open_run
+from pyro_nf.training.step import TrainingStep, read_interval, training_step
 
 __all__ = ["TrainResult", "train"]
 
@@ -63,24 +63,6 @@ class TrainResult:
     steps: int
     metrics: dict[str, float]
     files: list[Path] = field(default_factory=list)
-
-
-def _batches(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[tuple[int, Tensor]]:
-    """``(step, indices of the global batch)`` from ``start_step`` on; each epoch is a fresh permutation.
-
-    The order is a function of (seed, epoch) only, so a resumed run and every
-    process of a distributed run draw the same batches.
-    """
-    per_epoch = n // batch_size
-    step = start_step
-    epoch, permutation = -1, torch.empty(0, dtype=torch.long)
-    while True:
-        current, offset = divmod(step, per_epoch)
-        if current != epoch:
-            epoch = current
-            permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch + 1))
-        yield step, permutation[offset * batch_size : (offset + 1) * batch_size]
-        step += 1
 
 
 def train(
@@ -152,6 +134,8 @@ class _Run:
         self.start = 0
         self.log = RunLog(None)
         self.progress: Any = None
+        self.trainer: TrainingStep | None = None
+        self.train_on_device: Tensor | None = None
 
     # -- 1. set-up -----------------------------------------------------------------------
     def set_up(self) -> None:
@@ -226,7 +210,7 @@ class _Run:
         if config.objective == "likelihood":
             # Data-dependent initialisation (ActNorm) sees the first global batch, on every process alike.
             # Flow matching trains CNF fields only (no ActNorm): it skips this pass, a full ODE solve.
-            first = next(_batches(len(data.train), config.batch_size, config.seed, 0))[1]
+            first = next(batch_order(len(data.train), config.batch_size, config.seed, 0))[1]
             with torch.no_grad():
                 x0 = data.train[first].to(self.device)
                 _metric(self.model, data, data.preprocess.to_model(x0, _generator(config.seed, -1)))
@@ -264,47 +248,74 @@ class _Run:
         self.estimate = TimeEstimate(config, self.start, self.device)
         self.window = (time.perf_counter(), 0)
         self.model.train()
-        for step, indices in _batches(len(self.data.train), config.batch_size, config.seed, self.start):
+        read_every = read_interval(self.device, config)
+        pending: list[tuple[int, Tensor, float]] = []
+        for step, indices in batch_order(len(self.data.train), config.batch_size, config.seed, self.start):
             self._stop_if_asked(step)
             if step >= config.steps:
                 break
-            loss, norm, lr = self.step(step, indices)
+            reported, lr = self.step(step, indices)
             done = step + 1
-            self._report(done, loss, norm, lr)
-            if done % config.val_every == 0 or done == config.steps:
+            pending.append((done, reported, lr))
+            due = {"val": done % config.val_every == 0, "save": done % config.checkpoint_every == 0}
+            if done % read_every == 0 or any(due.values()) or done == config.steps:
+                self._read(pending)
+                pending = []
+            if due["val"] or done == config.steps:
                 self.validate(done)
-            if done % config.checkpoint_every == 0 or done == config.steps:
+            if due["save"] or done == config.steps:
                 self.save(done)
         if self.progress is not None:
             self.progress.close()
 
-    def step(self, step: int, indices: Tensor) -> tuple[float, float, float]:
-        """One optimizer step on the global batch ``indices``; returns the loss, the gradient norm and the rate."""
+    def step(self, step: int, indices: Tensor) -> tuple[Tensor, float]:
+        """One optimizer step on the global batch ``indices``: ``[loss, gradient norm]`` on the device, and the rate."""
         config, data, context = self.config, self.data, self.context
         lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        trainer = self._trainer()
+        trainer.set_lr(lr)
         share = config.batch_size // context.world_size
-        x = data.train[indices].to(self.device)
-        # The whole global batch is preprocessed (same noise as one process would draw), then sliced.
-        y = data.preprocess.to_model(x, _generator(config.seed, step))[
-            context.rank * share : (context.rank + 1) * share
-        ]
-        # The data were checked when loaded; unchecked layers and base let a NaN reach the loss test below.
+        x = self._train_batch(indices)
+        # The data were checked when loaded; unchecked layers and base let a NaN reach the loss test in _read.
         with validation(False), pyro.validation_enabled(False):
-            loss = self.ddp(y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        clip = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        reported = context.mean(torch.stack([loss.detach(), grad_norm.detach().to(loss)]))
-        loss_value, norm_value = float(reported[0]), float(reported[1])
-        if not math.isfinite(loss_value):
-            self._stop(f"the loss became {loss_value} at step {step + 1}")
-        if not math.isfinite(norm_value):
-            self._stop(f"the gradient norm became {norm_value} at step {step + 1}")
-        self.optimizer.step()
-        return loss_value, norm_value, lr
+            # The whole global batch is preprocessed (same noise as one process would draw), then sliced.
+            y = data.preprocess.to_model(x, _generator(config.seed, step, x.device))[
+                context.rank * share : (context.rank + 1) * share
+            ]
+            reported = trainer(y)
+        return context.mean(reported), lr
+
+    def _trainer(self) -> TrainingStep:
+        """The training step in the modes the configuration and the device ask for (built at the first step)."""
+        if self.trainer is None:
+
+            def loss(y: Tensor) -> Tensor:
+                return self.ddp(y)  # the objective: the NLL, or the flow-matching loss
+
+            self.trainer = training_step(self.config, self.model, self.optimizer, loss, self.device, self.context)
+        return self.trainer
+
+    def _train_batch(self, indices: Tensor) -> Tensor:
+        """The batch in data units on the device; on a GPU the training set is held there when it fits."""
+        if self.device.type == "cpu":
+            return self.data.train[indices]
+        if self.train_on_device is None:
+            self.train_on_device = on_device(self.data.train, self.device)
+        if self.train_on_device.device == self.device:
+            return self.train_on_device[indices.to(self.device, non_blocking=True)]
+        return self.data.train[indices].to(self.device)
+
+    def _read(self, pending: list[tuple[int, Tensor, float]]) -> None:
+        """Read the losses of the steps since the last read (one synchronisation), stop on a NaN, report them."""
+        if not pending:
+            return
+        values = torch.stack([reported for _, reported, _ in pending]).tolist()
+        for (done, _, lr), (loss, norm) in zip(pending, values):
+            if not math.isfinite(loss):
+                self._stop(f"the loss became {loss} at step {done}")
+            if not math.isfinite(norm):
+                self._stop(f"the gradient norm became {norm} at step {done}")
+            self._report(done, loss, norm, lr)
 
     def _report(self, done: int, loss: float, norm: float, lr: float) -> None:
         """The history line and the progress bar of a step."""

@@ -69,9 +69,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _generator(seed: int, step: int) -> torch.Generator:
-    """The generator of the dequantization noise of one global batch: a function of (seed, step) only."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def _generator(seed: int, step: int, device: torch.device | None = None) -> torch.Generator:
+    """The generator of the dequantization noise of one global batch: a function of (seed, step) only.
+
+    On the CPU by default; on ``device`` (a GPU) the noise is drawn there, from a generator of that device.
+    """
+    if device is None or device.type == "cpu":
+        return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
 def evaluate_nll(
@@ -88,7 +93,7 @@ def evaluate_nll(
     ``after_batch`` is called after each batch (to read solve statistics).
     """
     device = _device_of(model)
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     generator = _generator(seed, 0)
@@ -96,9 +101,8 @@ def evaluate_nll(
         for start in range(0, len(x), batch_size):
             chunk = x[start : start + batch_size].to(device)
             y = data.preprocess.to_model(chunk, generator)
-            total += float(_metric(_unwrap(model), data, y).double().sum())
-            count += len(chunk)
+            total += _metric(_unwrap(model), data, y).double().sum()  # read back once, at the end
             if after_batch is not None:
                 after_batch()
     model.train(was_training)
-    return total / count
+    return float(total) / len(x)

@@ -61,7 +61,10 @@ class ConditionedLatentAffine(FlowTransform):
 
     def _map(self, x: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
         k = len(self.input_shape)
-        params = self.net(self.context).unflatten(-1, (2, *self.input_shape)).unbind(-k - 1)
+        raw = self.net(self.context)
+        if raw.dtype != x.dtype:  # a network under autocast (bf16): the prior's map in x's precision
+            raw = raw.to(x.dtype)
+        params = raw.unflatten(-1, (2, *self.input_shape)).unbind(-k - 1)
         y, alpha = (self.elementwise.forward if forward else self.elementwise.inverse)(x, params)
         batch = torch.broadcast_shapes(x.shape[: x.dim() - k], alpha.shape[: alpha.dim() - k])
         return y, alpha.flatten(-k).sum(-1).expand(batch)

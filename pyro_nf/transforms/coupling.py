@@ -221,6 +221,8 @@ class ConditionedCoupling(FlowTransform):
     def _couple(self, x: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
         x_a, x_b = self.split.split(x)
         raw = self.net(x_a) if self.context is None else self.net(x_a, self.context)
+        if raw.dtype != x.dtype:  # a network under autocast (bf16): the map and its log-det in x's precision
+            raw = raw.to(x.dtype)
         params = self.split.params(raw, self.elementwise.num_params)
         g = self.elementwise.forward if forward else self.elementwise.inverse
         y_b, ladj = g(x_b, params)

@@ -28,16 +28,17 @@ Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", Neu
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import constraints
+from torch.distributions import Transform, constraints
 
 from pyro_nf.checks import check_image_shape, check_options, check_positive_int
 from pyro_nf.conditional import ConditionalFlowStack
-from pyro_nf.core import FlowStack, FlowTransformModule
+from pyro_nf.core import FlowStack, FlowTransformModule, fused_forward, fused_inverse
 from pyro_nf.transforms.conditional_prior import ConditionalLatentAffine
 from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, Scale
 from pyro_nf.transforms.image_coupling import CouplingKind, image_coupling, image_map, prior_coupling
@@ -58,6 +59,30 @@ __all__ = [
 ]
 
 _IMAGE = constraints.independent(constraints.real, 3)
+
+
+def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[None]:
+    """A context in which autocast (mixed precision) is off on ``x``'s device, if it was on.
+
+    The 1x1 convolution's matrices and their product with the image stay in the parameters' precision under
+    ``torch.autocast``: only the coupling networks run in the lower precision.
+    """
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _mix_channels(matrix: Tensor, x: Tensor) -> Tensor:
+    """``y[..., :, h, w] = matrix @ x[..., :, h, w]`` at every pixel of ``(..., C, H, W)``: a 1x1 convolution.
+
+    Example::
+
+        >>> x = torch.randn(2, 3, 4, 4)
+        >>> torch.allclose(_mix_channels(torch.eye(3), x), x)
+        True
+    """
+    return (matrix @ x.flatten(-2)).reshape(x.shape)
 
 
 class InvertibleConv1x1(FlowTransformModule):
@@ -91,6 +116,8 @@ class InvertibleConv1x1(FlowTransformModule):
     permutation: Tensor
     sign_s: Tensor
     lower_mask: Tensor
+    upper_mask: Tensor
+    eye: Tensor
 
     def __init__(self, input_shape: Sequence[int], lu: bool = True, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
@@ -109,14 +136,16 @@ class InvertibleConv1x1(FlowTransformModule):
         self.register_buffer("permutation", p)
         self.register_buffer("sign_s", s.sign())
         self.register_buffer("lower_mask", torch.ones(c, c).tril(-1))
+        # Constants built once here rather than on every call (not persistent: the state_dict is unchanged).
+        self.register_buffer("upper_mask", torch.ones(c, c).triu(1), persistent=False)
+        self.register_buffer("eye", torch.eye(c), persistent=False)
         self.lower = nn.Parameter(lower.tril(-1).contiguous())
         self.upper = nn.Parameter(upper.triu(1).contiguous())
         self.log_s = nn.Parameter(s.abs().log().contiguous())
 
     def _factors(self) -> tuple[Tensor, Tensor]:
-        eye = torch.eye(self.lower_mask.shape[0], dtype=self.lower_mask.dtype, device=self.lower_mask.device)
-        lower = self.lower * self.lower_mask + eye
-        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * self.log_s.exp())
+        lower = torch.addcmul(self.eye, self.lower, self.lower_mask)
+        upper = torch.addcmul(torch.diag(self.sign_s * self.log_s.exp()), self.upper, self.upper_mask)
         return lower, upper
 
     def matrix(self) -> Tensor:
@@ -134,10 +163,13 @@ class InvertibleConv1x1(FlowTransformModule):
         inv_lower_pt = torch.linalg.solve_triangular(lower, self.permutation.T, upper=False, unitriangular=True)
         return torch.linalg.solve_triangular(upper, inv_lower_pt, upper=True)
 
+    def log_abs_det(self) -> Tensor:
+        """``log|det W|`` (a scalar): ``sum log|s|`` in the LU form."""
+        return self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]
+
     def _log_det(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        log_abs_det = self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]
-        return (h * w * log_abs_det).expand(x.shape[:-3])
+        return (h * w * self.log_abs_det()).expand(x.shape[:-3])
 
     @property
     def sign(self) -> int:
@@ -150,13 +182,15 @@ class InvertibleConv1x1(FlowTransformModule):
 
     @staticmethod
     def _mix(matrix: Tensor, x: Tensor) -> Tensor:
-        return (matrix @ x.flatten(-2)).reshape(x.shape)
+        return _mix_channels(matrix, x)
 
     def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._mix(self.matrix(), x), self._log_det(x)
+        with _full_precision(x):
+            return _mix_channels(self.matrix(), x), self._log_det(x)
 
     def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._mix(self.inverse_matrix(), y), self._log_det(y)
+        with _full_precision(y):
+            return _mix_channels(self.inverse_matrix(), y), self._log_det(y)
 
 
 def invertible_conv1x1(input_shape: Sequence[int], lu: bool = True) -> InvertibleConv1x1:
@@ -210,6 +244,44 @@ class GlowStep(FlowStack):
             bound=bound,
         )
         super().__init__([layer, InvertibleConv1x1(shape, lu), ActNorm(shape)])
+
+    # ActNorm and the 1x1 convolution act on the channels at every pixel: one C x C matrix and one
+    # shift do both, so an image passes through them as one product (no separate element-wise pass).
+    def _fused(self) -> tuple[Transform, InvertibleConv1x1, ActNorm] | None:
+        """``(coupling, 1x1 conv, ActNorm)`` when ActNorm's map is fixed (no initialisation pending), else None."""
+        coupling, conv, norm = self.parts
+        if not isinstance(conv, InvertibleConv1x1) or not isinstance(norm, ActNorm):
+            return None
+        if norm.initialisation_pending():  # the unfused path initialises ActNorm from this batch
+            return None
+        return coupling, conv, norm
+
+    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        parts = self._fused()
+        if parts is None:
+            return super()._forward_and_log_det(x)
+        coupling, conv, norm = parts
+        h, coupling_log_det = fused_forward(coupling, x)
+        with _full_precision(h):
+            matrix = conv.matrix() * norm.log_scale.exp().reshape(-1, 1)  # diag(exp(s)) W
+            y = _mix_channels(matrix, h) + norm.loc
+        return y, coupling_log_det + self._log_det_mixing(conv, norm, x)
+
+    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        parts = self._fused()
+        if parts is None:
+            return super()._inverse_and_log_det(y)
+        coupling, conv, norm = parts
+        with _full_precision(y):
+            matrix = conv.inverse_matrix() * (-norm.log_scale).exp().reshape(1, -1)  # W^{-1} diag(exp(-s))
+            z = _mix_channels(matrix, y - norm.loc)
+        x, coupling_log_det = fused_inverse(coupling, z)
+        return x, coupling_log_det + self._log_det_mixing(conv, norm, y)
+
+    @staticmethod
+    def _log_det_mixing(conv: InvertibleConv1x1, norm: ActNorm, x: Tensor) -> Tensor:
+        """``H W (log|det W| + sum s)``: the 1x1 convolution's and ActNorm's log-det, one scalar for every image."""
+        return (x.shape[-2] * x.shape[-1]) * (conv.log_abs_det() + norm.log_scale.sum())
 
 
 def glow_step(

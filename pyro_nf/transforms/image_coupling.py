@@ -81,9 +81,13 @@ class ChannelSplit(nn.Module):
         self.input_shape = input_shape
         self.parity = parity
         self.kept, self.moved = channel_split(input_shape[0], parity)
+        half = input_shape[0] // 2
+        self._sizes = [half, input_shape[0] - half]
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return x[..., self.kept, :, :], x[..., self.moved, :, :]
+        # One split (its backward is one concatenation) rather than two slices (two zero-filled scatters).
+        first, last = x.split(self._sizes, dim=-3)
+        return (first, last) if self.parity == 0 else (last, first)
 
     def params(self, raw: Tensor, num_params: int) -> Sequence[Tensor]:
         return raw.chunk(num_params, dim=-3)
@@ -92,7 +96,7 @@ class ChannelSplit(nn.Module):
         return torch.cat((x_a, y_b) if self.parity == 0 else (y_b, x_a), dim=-3)
 
     def log_det(self, ladj: Tensor) -> Tensor:
-        return ladj.flatten(-3).sum(-1)
+        return ladj.sum((-3, -2, -1))
 
 
 class CheckerboardSplit(nn.Module):
@@ -119,7 +123,7 @@ class CheckerboardSplit(nn.Module):
         return torch.where(self.kept_bool, x_b, y_b)
 
     def log_det(self, ladj: Tensor) -> Tensor:
-        return (ladj * (1.0 - self.kept_pixels)).flatten(-3).sum(-1)
+        return (ladj * (1.0 - self.kept_pixels)).sum((-3, -2, -1))
 
 
 def image_map(

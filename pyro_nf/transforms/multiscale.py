@@ -232,24 +232,29 @@ class FactorOut(FlowTransformModule):
     def sign(self) -> int:
         return self.inner.sign
 
+    def _halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The kept and the factored-out channels (one split: its backward is one concatenation)."""
+        kept, out = x.split([self.channels, x.shape[-3] - self.channels], dim=-3)
+        return kept, out
+
     def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.channels
-        h, log_det = self.inner._forward_and_log_det(x[..., :c, :, :])
-        y = torch.cat([h, x[..., c:, :, :]], dim=-3)
+        kept, out = self._halves(x)
+        h, log_det = self.inner._forward_and_log_det(kept)
+        y = torch.cat([h, out], dim=-3)
         if self.prior is not None:
             y, prior_log_det = self.prior._forward_and_log_det(y)
             log_det = log_det + prior_log_det
         return y, log_det
 
     def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.channels
         prior_log_det: Tensor | None = None
         if self.prior is not None:
             y, prior_log_det = self.prior._inverse_and_log_det(y)
-        x, log_det = self.inner._inverse_and_log_det(y[..., :c, :, :])
+        kept, out = self._halves(y)
+        x, log_det = self.inner._inverse_and_log_det(kept)
         if prior_log_det is not None:
             log_det = log_det + prior_log_det
-        return torch.cat([x, y[..., c:, :, :]], dim=-3), log_det
+        return torch.cat([x, out], dim=-3), log_det
 
 
 def factor_out(input_shape: Sequence[int], inner: FlowTransform, prior: ImageCoupling | None = None) -> FactorOut:

@@ -161,19 +161,48 @@ class ActNorm(FlowTransformModule):
         self._checked = False
         super()._load_from_state_dict(*args, **kwargs)
 
-    @torch.no_grad()
-    def initialise(self, y: Tensor) -> None:
-        """Set ``b`` and ``s`` from the data-side batch ``y`` (``(..., C, H, W)`` or ``(..., D)``), mark initialised."""
+    def _statistics(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The initial ``(b, s)`` for the batch ``y``: its mean and log standard deviation per channel (float64)."""
         channels = self.loc.shape[0]
         flat = y.detach().movedim(-self.event_dims, 0).reshape(channels, -1)
         wide = flat.double() if flat.dtype in (torch.float16, torch.bfloat16, torch.float32) else flat
         var, mean = torch.var_mean(wide, dim=1, correction=0)
         std = var.sqrt()
         log_std = torch.where(std > self.eps, std.clamp_min(self.eps).log(), torch.zeros_like(std))
-        self.loc.copy_(mean.reshape(self.loc.shape))
-        self.log_scale.copy_(log_std.reshape(self.loc.shape))
+        return mean.reshape(self.loc.shape), log_std.reshape(self.loc.shape)
+
+    @torch.no_grad()
+    def initialise(self, y: Tensor) -> None:
+        """Set ``b`` and ``s`` from the data-side batch ``y`` (``(..., C, H, W)`` or ``(..., D)``), mark initialised."""
+        mean, log_std = self._statistics(y)
+        self.loc.copy_(mean)
+        self.log_scale.copy_(log_std)
         self.initialised.fill_(True)
         self._checked = True
+
+    @torch.no_grad()
+    def _initialise_unless_initialised(self, y: Tensor) -> None:
+        """:meth:`initialise` if the flag is not set, without reading the flag back (for ``torch.compile``)."""
+        mean, log_std = self._statistics(y)
+        done = self.initialised
+        self.loc.copy_(torch.where(done, self.loc, mean))
+        self.log_scale.copy_(torch.where(done, self.log_scale, log_std))
+        self.initialised.fill_(True)
+
+    def initialisation_pending(self) -> bool:
+        """Whether the next data-to-noise call would initialise ``b`` and ``s`` (training mode, not yet done).
+
+        Reads the ``initialised`` flag once after a ``state_dict`` is loaded (not while compiling, where
+        it answers True until the initialisation has run).
+        """
+        if not self.training or self._checked:
+            return False
+        if torch.compiler.is_compiling():
+            return True
+        if bool(self.initialised):
+            self._checked = True
+            return False
+        return True
 
     def _log_det(self, x: Tensor) -> Tensor:
         batch = x.shape[: x.dim() - self.event_dims]
@@ -186,9 +215,13 @@ class ActNorm(FlowTransformModule):
     def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.training and not self._checked:
             enough = self.event_dims == 3 or y.numel() >= 2 * y.shape[-1]
-            if enough and not bool(self.initialised):
-                self.initialise(y)
-            self._checked = enough or bool(self.initialised)
+            if not torch.compiler.is_compiling():
+                if enough and not bool(self.initialised):
+                    self.initialise(y)
+                self._checked = enough or bool(self.initialised)
+            elif enough:  # reading the flag would break the graph: initialise only where it is not set
+                self._initialise_unless_initialised(y)
+                self._checked = True
         return (y - self.loc) * (-self.log_scale).exp(), self._log_det(y)
 
 
