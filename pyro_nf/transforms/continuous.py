@@ -57,7 +57,7 @@ from pyro_nf.conditional import ConditionalFlowTransformModule
 from pyro_nf.core import FlowTransform, FlowTransformModule
 from pyro_nf.nn.divergence import AugmentedDynamics, sample_noise
 from pyro_nf.nn.odefunc import Activation, ConvODENet, ODENet
-from pyro_nf.transforms.flow_matching import Coupling, Path, flow_matching_loss
+from pyro_nf.transforms.flow_matching import FlowMatchingOptions, flow_matching_loss
 from pyro_nf.transforms.ode import (
     EndTime,
     ODEOptions,
@@ -231,20 +231,9 @@ class FFJORD(ConditionedFFJORD, FlowTransformModule):
             )
         super().__init__(net, EndTime(t1, train_t1), options or ODEOptions(), None, None, cache_size)
 
-    def flow_matching_loss(
-        self,
-        x: Tensor,
-        *,
-        path: Path = "linear",
-        coupling: Coupling = "independent",
-        sigma_min: float = 0.0,
-        x0: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def flow_matching_loss(self, x: Tensor, **options: Unpack[FlowMatchingOptions]) -> Tensor:
         """The flow-matching loss of the data ``x``: see :func:`~pyro_nf.transforms.flow_matching_loss`."""
-        return flow_matching_loss(
-            self, x, path=path, coupling=coupling, sigma_min=sigma_min, x0=x0, generator=generator
-        )
+        return flow_matching_loss(self, x, **options)
 
 
 class ConditionalFFJORD(SolveStatistics, ConditionalFlowTransformModule):
@@ -277,21 +266,9 @@ class ConditionalFFJORD(SolveStatistics, ConditionalFlowTransformModule):
     def _condition(self, context: Tensor) -> ConditionedFFJORD:
         return ConditionedFFJORD(self.net, self.end_time, self.options, context, self._record)
 
-    def flow_matching_loss(
-        self,
-        x: Tensor,
-        context: Tensor,
-        *,
-        path: Path = "linear",
-        coupling: Coupling = "independent",
-        sigma_min: float = 0.0,
-        x0: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def flow_matching_loss(self, x: Tensor, context: Tensor, **options: Unpack[FlowMatchingOptions]) -> Tensor:
         """The flow-matching loss of ``x`` given ``context``: see :func:`~pyro_nf.transforms.flow_matching_loss`."""
-        return flow_matching_loss(
-            self, x, context, path=path, coupling=coupling, sigma_min=sigma_min, x0=x0, generator=generator
-        )
+        return flow_matching_loss(self, x, context, **options)
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()

@@ -80,7 +80,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 from pyro.distributions import ConditionalTransformModule
@@ -95,17 +95,22 @@ from pyro_nf.transforms.ode import SolveStatistics
 if TYPE_CHECKING:
     from pyro_nf.transforms.continuous import ConditionedFFJORD
 
-__all__ = [
-    "block_segments",
-    "flow_matching_loss",
-    "ot_pairing",
-    "BlockSegment",
-]
+__all__ = ["block_segments", "flow_matching_loss", "ot_pairing", "BlockSegment", "FlowMatchingOptions"]
 
 Path = Literal["linear", "cosine"]
 Coupling = Literal["independent", "ot"]
 PATHS: tuple[Path, ...] = ("linear", "cosine")
 COUPLINGS: tuple[Coupling, ...] = ("independent", "ot")
+
+
+class FlowMatchingOptions(TypedDict, total=False):
+    """The keyword options of :func:`flow_matching_loss`, which the FFJORD methods pass on."""
+
+    path: Path
+    coupling: Coupling
+    sigma_min: float
+    x0: Tensor | None
+    generator: torch.Generator | None
 
 
 @dataclasses.dataclass(frozen=True)
