@@ -65,6 +65,18 @@ class Clock:
         return time.perf_counter()
 
 
+def _set_up(
+    make: Callable[..., Any], args: argparse.Namespace, device: torch.device, channels_last: bool
+) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor], torch.optim.Optimizer, Tensor]:
+    """The seeded Glow of one row on ``device`` (in ``channels_last`` if asked), its Adam and its batch."""
+    torch.manual_seed(args.seed)
+    model, log_prob, _ = make(args.depth, args.hidden, MNIST_SHAPE, args.levels)
+    model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, log_prob, torch.optim.Adam(model.parameters(), lr=1e-4), _batch(args, device, channels_last)
+
+
 def _batch(args: argparse.Namespace, device: torch.device, channels_last: bool) -> Tensor:
     y = torch.rand(args.batch_size, *MNIST_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y
@@ -89,16 +101,10 @@ def pyro_nf_mode(mode: str, make: Callable[..., Any], args: argparse.Namespace, 
     channels_last = options.pop("channels_last", False)
     if options.get("compile"):
         options["compile_options"] = {"backend": getattr(args, "compile_backend", "inductor")}
-    torch.manual_seed(args.seed)
-    model, log_prob, _ = make(args.depth, args.hidden, MNIST_SHAPE, args.levels)
-    model.to(device).train()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model, log_prob, optimizer, y = _set_up(make, args, device, channels_last)
     step = TrainingStep(
         model, optimizer, lambda y: bits_per_dim(log_prob(y), MNIST_SHAPE, 256).mean(), grad_clip=50.0, **options
     )
-    y = _batch(args, device, channels_last)
     first, seconds = _time(lambda: step(y), args, Clock(device))
     loss = float(step(y)[0])
     return _row("pyro_nf", mode, model, seconds, first, args, loss)
@@ -108,13 +114,7 @@ def library_row(
     name: str, make: Callable[..., Any], args: argparse.Namespace, device: torch.device, channels_last: bool = False
 ) -> dict[str, Any]:
     """One row: another library's Glow, its plain training step (zero_grad, backward, Adam)."""
-    torch.manual_seed(args.seed)
-    model, log_prob, _ = make(args.depth, args.hidden, MNIST_SHAPE, args.levels)
-    model.to(device).train()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    y = _batch(args, device, channels_last)
+    model, log_prob, optimizer, y = _set_up(make, args, device, channels_last)
     losses: list[Tensor] = []
 
     def step() -> None:
