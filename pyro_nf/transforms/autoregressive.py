@@ -29,7 +29,7 @@ Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow"
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict, get_args
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,7 @@ __all__ += ["ConditionedAffineAutoregressive", "AffineAutoregressive", "Conditio
 __all__ += ["AutoregressiveOptions", "AffineAutoregressiveOptions", "autoregressive_stack"]
 
 Parallel = Literal["forward", "inverse"]
+PARALLEL: tuple[Parallel, ...] = get_args(Parallel)
 
 
 class ConditionedAutoregressive(FlowTransform):
@@ -76,7 +77,7 @@ class ConditionedAutoregressive(FlowTransform):
         sequential: SequentialMethod = "incremental",
     ) -> None:
         super().__init__(cache_size=cache_size)
-        check_choice(parallel, ("forward", "inverse"), "parallel")
+        check_choice(parallel, PARALLEL, "parallel")
         check_sequential_method(sequential)
         if not isinstance(elementwise, ElementwiseMap):
             raise TypeError(f"elementwise: expected an element-wise map, got {type(elementwise).__name__}")
@@ -170,6 +171,7 @@ class ConditionalAutoregressive(ConditionalFlowTransformModule):
         super().__init__()
         if made.context_dim < 1:
             raise ValueError(f"{type(self).__name__}: the MADE needs context_dim >= 1, got {made.context_dim}")
+        check_choice(parallel, PARALLEL, "parallel")
         check_sequential_method(sequential)
         self.made = made
         self.elementwise = elementwise

@@ -52,25 +52,10 @@ from pyro_nf.transforms.normalization import ActNorm, BatchNorm
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = [
-    "coupling_mask",
-    "affine_coupling",
-    "realnvp",
-    "conditional_realnvp",
-    "Split",
-    "CouplingSplit",
-    "ConditionedCoupling",
-    "Coupling",
-    "ConditionalCoupling",
-    "ConditionedAffineCoupling",
-    "AffineCoupling",
-    "ConditionalAffineCoupling",
-    "CouplingOptions",
-    "AffineCouplingOptions",
-    "split_indices",
-    "contiguous_split",
-    "coupling_stack",
-]
+__all__ = ["coupling_mask", "affine_coupling", "realnvp", "conditional_realnvp"]  # the factories first
+__all__ += ["Split", "CouplingSplit", "ConditionedCoupling", "Coupling", "ConditionalCoupling"]
+__all__ += ["ConditionedAffineCoupling", "AffineCoupling", "ConditionalAffineCoupling"]
+__all__ += ["CouplingOptions", "AffineCouplingOptions", "split_indices", "contiguous_split", "coupling_stack"]
 
 Mask = Literal["half", "alternate"]
 MASKS: tuple[Mask, ...] = ("half", "alternate")

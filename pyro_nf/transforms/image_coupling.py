@@ -20,7 +20,7 @@ Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", Neu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -31,23 +31,16 @@ from pyro_nf.transforms.coupling import Coupling
 from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, AdditiveMap, AffineMap, ElementwiseMap, Scale
 from pyro_nf.transforms.rational_quadratic import spline_map
 
-__all__ = [
-    "image_coupling",
-    "prior_coupling",
-    "ChannelSplit",
-    "CheckerboardSplit",
-    "ImageCoupling",
-    "checkerboard",
-    "channel_split",
-    "image_map",
-]
+__all__ = ["image_coupling", "prior_coupling"]  # the factories first
+__all__ += ["ChannelSplit", "CheckerboardSplit", "ImageCoupling"]
+__all__ += ["checkerboard", "channel_split", "image_map"]
 
 CouplingKind = Literal["affine", "additive", "spline"]
 ImageMask = Literal["channel", "checkerboard"]
 Network = Literal["glow", "resnet"]
-COUPLINGS: tuple[CouplingKind, ...] = ("affine", "additive", "spline")
-IMAGE_MASKS: tuple[ImageMask, ...] = ("channel", "checkerboard")
-NETWORKS: tuple[Network, ...] = ("glow", "resnet")
+COUPLINGS: tuple[CouplingKind, ...] = get_args(CouplingKind)
+IMAGE_MASKS: tuple[ImageMask, ...] = get_args(ImageMask)
+NETWORKS: tuple[Network, ...] = get_args(Network)
 
 
 def checkerboard(height: int, width: int, parity: int = 0) -> Tensor:

@@ -46,19 +46,9 @@ from pyro_nf.transforms.elementwise import LOG_SCALE_BOUND, Scale
 from pyro_nf.transforms.image_coupling import CouplingKind, ImageCoupling, image_coupling, prior_coupling
 from pyro_nf.transforms.normalization import ActNorm
 
-__all__ = [
-    "squeeze",
-    "factor_out",
-    "realnvp_multiscale",
-    "Squeeze",
-    "FactorOut",
-    "check_squeezable",
-    "squeezed_shape",
-    "level_shapes",
-    "multiscale",
-    "resolve_levels",
-    "warn_num_scales",
-]
+__all__ = ["squeeze", "factor_out", "realnvp_multiscale"]  # the factories first
+__all__ += ["Squeeze", "FactorOut"]
+__all__ += ["check_squeezable", "squeezed_shape", "level_shapes", "multiscale", "resolve_levels", "warn_num_scales"]
 
 _IMAGE = constraints.independent(constraints.real, 3)
 Shape = tuple[int, int, int]

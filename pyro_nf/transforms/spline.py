@@ -48,6 +48,7 @@ from pyro_nf.core import FlowStack
 from pyro_nf.nn.made import MADE, Order, SequentialMethod
 from pyro_nf.nn.nets import MLP, default_hidden_dims
 from pyro_nf.transforms.autoregressive import (
+    PARALLEL,
     Autoregressive,
     AutoregressiveOptions,
     ConditionalAutoregressive,
@@ -78,8 +79,6 @@ __all__ = ["nsf", "conditional_nsf", "spline_autoregressive", "spline_coupling"]
 __all__ += ["SplineAutoregressive", "ConditionalSplineAutoregressive", "SplineCoupling", "ConditionalSplineCoupling"]
 __all__ += ["NSFOptions"]
 
-PARALLEL: tuple[Parallel, ...] = ("inverse", "forward")
-
 
 class SplineAutoregressive(Autoregressive):
     """One learnable autoregressive spline layer: :class:`~pyro_nf.transforms.autoregressive.Autoregressive`
@@ -109,10 +108,11 @@ class SplineAutoregressive(Autoregressive):
         self,
         made: MADE,
         parallel: Parallel = "inverse",
-        bins: int = DEFAULT_BINS,
-        bound: float = DEFAULT_BOUND,
         cache_size: int = 1,
         sequential: SequentialMethod = "incremental",
+        *,
+        bins: int = DEFAULT_BINS,
+        bound: float = DEFAULT_BOUND,
     ) -> None:
         super().__init__(made, RationalQuadraticSpline(bins, bound), parallel, cache_size, sequential)
 
@@ -132,11 +132,11 @@ class ConditionalSplineAutoregressive(ConditionalAutoregressive):
         self,
         made: MADE,
         parallel: Parallel = "inverse",
+        sequential: SequentialMethod = "incremental",
+        *,
         bins: int = DEFAULT_BINS,
         bound: float = DEFAULT_BOUND,
-        sequential: SequentialMethod = "incremental",
     ) -> None:
-        check_choice(parallel, PARALLEL, "parallel")
         super().__init__(made, RationalQuadraticSpline(bins, bound), parallel, sequential)
 
 
@@ -159,9 +159,10 @@ class SplineCoupling(Coupling):
         self,
         net: nn.Module,
         kept: Tensor,
+        cache_size: int = 1,
+        *,
         bins: int = DEFAULT_BINS,
         bound: float = DEFAULT_BOUND,
-        cache_size: int = 1,
     ) -> None:
         super().__init__(net, CouplingSplit(kept), RationalQuadraticSpline(bins, bound), cache_size)
 
@@ -177,7 +178,7 @@ class ConditionalSplineCoupling(ConditionalCoupling):
         torch.Size([3, 4])
     """
 
-    def __init__(self, net: MLP, kept: Tensor, bins: int = DEFAULT_BINS, bound: float = DEFAULT_BOUND) -> None:
+    def __init__(self, net: MLP, kept: Tensor, *, bins: int = DEFAULT_BINS, bound: float = DEFAULT_BOUND) -> None:
         super().__init__(net, CouplingSplit(kept), RationalQuadraticSpline(bins, bound), net.context_dim)
 
 
@@ -204,7 +205,7 @@ def spline_autoregressive(
     g = RationalQuadraticSpline(bins, bound)
     hidden = list(hidden_dims) if hidden_dims is not None else default_hidden_dims(input_dim)
     made = MADE(input_dim, hidden, g.num_params, 0, order, residual, activation)
-    return SplineAutoregressive(made, parallel, bins, bound, sequential=sequential)
+    return SplineAutoregressive(made, parallel, sequential=sequential, bins=bins, bound=bound)
 
 
 def spline_coupling(
@@ -230,7 +231,7 @@ def spline_coupling(
     num_kept = int(kept.sum())
     hidden = list(hidden_dims) if hidden_dims is not None else default_hidden_dims(input_dim)
     net = MLP(num_kept, hidden, g.num_params * (input_dim - num_kept), 0, activation)
-    return SplineCoupling(net, kept, bins, bound)
+    return SplineCoupling(net, kept, bins=bins, bound=bound)
 
 
 class NSFOptions(AutoregressiveOptions, CouplingOptions, SplineOptions, total=False):
