@@ -262,3 +262,23 @@ def test_bad_params_shape() -> None:
     g = RationalQuadraticSpline(bins=4)
     with pytest.raises(ValueError, match=r"params: expected shape \(11, \.\.\.\)"):
         g.forward(torch.zeros(3), torch.zeros(10, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inverted_swaps_the_directions(dtype: torch.dtype) -> None:
+    """``inverted=True`` is ``g^{-1}``: the root forward, the closed form inverse, ``log g'`` negated."""
+    g, h = RationalQuadraticSpline(bins=6, bound=3.0), RationalQuadraticSpline(bins=6, bound=3.0, inverted=True)
+    params = _params(g, 5, dtype=dtype)
+    x = _inputs(g, g.knots(params)[0])
+    for (out, ladj), (expected, expected_ladj) in (
+        (h.forward(x, params), g.inverse(x, params)),
+        (h.inverse(x, params), g.forward(x, params)),
+    ):
+        assert torch.equal(out, expected) and torch.equal(ladj, -expected_ladj)
+    zeros = torch.zeros(h.num_params, 1, dtype=dtype)
+    for fn in (h.forward, h.inverse):
+        y, ladj = fn(x, zeros)
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ladj, torch.zeros_like(x), rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="inverted"):
+        RationalQuadraticSpline(inverted=1)  # type: ignore[arg-type]

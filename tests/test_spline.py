@@ -21,6 +21,8 @@ from pyro_nf.nn import MADE
 from pyro_nf.nn.nets import MLP
 from pyro_nf.registry import FLOWS, flow_factory
 from pyro_nf.transforms import (
+    ConditionalSplineAutoregressive,
+    ConditionalSplineCoupling,
     Coupling,
     RationalQuadraticSpline,
     SplineAutoregressive,
@@ -65,12 +67,36 @@ def test_factory_options_are_checked() -> None:
 def test_layers_and_directions() -> None:
     flow = nsf(4, [8], 3, bins=6)
     assert flow.parallel == "inverse" and len(flow.parts) == 3
-    assert all(part.elementwise == RationalQuadraticSpline(6) for part in flow.parts)
+    # the layers trained on the density of data map data to noise by the closed form (g^{-1} forward)
+    assert all(part.elementwise == RationalQuadraticSpline(6, inverted=True) for part in flow.parts)
     assert all(part.made.num_params == 17 for part in flow.parts)
-    assert nsf(4, [8], 2, parallel="forward").parallel == "forward"
+    iaf = nsf(4, [8], 2, parallel="forward")
+    assert iaf.parallel == "forward" and all(part.elementwise == RationalQuadraticSpline() for part in iaf.parts)
     coupling = nsf(4, [8], 2, coupling=True, bound=2.0)
     assert coupling.parallel == "both" and all(isinstance(p, Coupling) for p in coupling.parts)
-    assert coupling.parts[0].elementwise.bound == 2.0
+    assert coupling.parts[0].elementwise == RationalQuadraticSpline(bound=2.0, inverted=True)
+    classes = (
+        SplineAutoregressive(MADE(3, [8], num_params=23)),
+        ConditionalSplineAutoregressive(MADE(3, [8], num_params=23, context_dim=2)),
+        SplineCoupling(MLP(2, [8], 23 * 2), coupling_mask(4, 0)),
+        ConditionalSplineCoupling(MLP(2, [8], 23 * 2, context_dim=2), coupling_mask(4, 0)),
+    )
+    assert all(layer.elementwise.inverted for layer in classes)
+    assert not SplineAutoregressive(MADE(3, [8], num_params=23), "forward").elementwise.inverted
+    made = MADE(3, [8], num_params=23, context_dim=2)
+    assert not ConditionalSplineAutoregressive(made, "forward").elementwise.inverted
+
+
+def test_the_density_of_data_takes_the_closed_form() -> None:
+    """The MAF-direction layer's data-to-noise map is the spline ``g`` itself, evaluated by its closed form."""
+    layer = _perturbed(SplineAutoregressive(MADE(3, [16], num_params=14), bins=5, bound=2.0))  # type: ignore[arg-type]
+    x = torch.randn(32, 3, dtype=torch.float64)
+    z, log_det = layer.inverse_and_log_det(x)
+    params = layer._layout(layer.made(x))
+    g = RationalQuadraticSpline(bins=5, bound=2.0)
+    expected, ladj = g.forward(x, params)
+    torch.testing.assert_close(z, expected, rtol=0, atol=0)
+    torch.testing.assert_close(log_det, -ladj.sum(-1), rtol=0, atol=1e-12)
     assert len(nsf(4, [8], 2, actnorm=True).parts) == 3  # an ActNorm last, on the data side
 
 
@@ -197,7 +223,7 @@ def test_spline_prior_trains_jointly() -> None:
 
 def test_image_spline_coupling_layout_and_tails() -> None:
     layer = image_coupling((4, 2, 2), 8, coupling="spline", bins=3, bound=0.5)
-    assert layer.elementwise == RationalQuadraticSpline(3, 0.5) and layer.coupling == "spline"
+    assert layer.elementwise == RationalQuadraticSpline(3, 0.5, inverted=True) and layer.coupling == "spline"
     assert layer.net(torch.zeros(1, 2, 2, 2)).shape == (1, 8 * 2, 2, 2)  # 3K - 1 = 8 parameters per moved channel
     _perturbed(layer)
     x = torch.randn(16, 4, 2, 2, dtype=torch.float64) * 2
@@ -212,11 +238,11 @@ def test_image_spline_coupling_layout_and_tails() -> None:
 def test_image_flows_pass_the_spline_options_through() -> None:
     flow = glow((1, 4, 4), levels=2, depth=1, hidden_channels=8, coupling="spline", bins=5, bound=2.0)
     splines = [m.elementwise for m in flow.modules() if getattr(m, "coupling", "") == "spline"]
-    assert len(splines) == 2 and set(splines) == {RationalQuadraticSpline(5, 2.0)}
+    assert len(splines) == 2 and set(splines) == {RationalQuadraticSpline(5, 2.0, inverted=True)}
     flow = realnvp_multiscale((1, 4, 4), levels=1, hidden_channels=8, num_blocks=1, coupling="spline", bins=3)
     splines = [
         m.elementwise for m in flow.modules() if isinstance(m, Coupling) and getattr(m, "coupling", "") == "spline"
     ]
-    assert len(splines) == 10 and set(splines) == {RationalQuadraticSpline(3)}
+    assert len(splines) == 10 and set(splines) == {RationalQuadraticSpline(3, inverted=True)}
     with pytest.raises(ValueError, match="bound apply to coupling='spline', got coupling='additive'"):
         realnvp_multiscale((1, 4, 4), levels=1, coupling="additive", bound=2.0)

@@ -132,7 +132,7 @@ def image_map(
     check_choice(coupling, COUPLINGS, "coupling")
     spline = {name: value for name, value in (("bins", bins), ("bound", bound)) if value is not None}
     if coupling == "spline":
-        return spline_map(spline)[0]
+        return spline_map(spline, inverted=True)[0]  # closed form from data to noise, as the vector couplings
     if spline:
         raise ValueError(f"{' and '.join(spline)} apply to coupling='spline', got coupling={coupling!r}")
     return AffineMap(scale, log_scale_bound) if coupling == "affine" else AdditiveMap()
@@ -149,8 +149,9 @@ class ImageCoupling(Coupling):
         \\log|\\det \\partial y/\\partial x| = \\textstyle\\sum \\alpha(x_a),
 
     with ``alpha = 0`` for ``coupling="additive"`` (volume preserving, NICE and
-    Glow's additive variant); ``coupling="spline"`` moves ``x_b`` through the rational-quadratic
-    spline of neural spline flows, ``3K - 1`` network outputs per moved entry. Both directions cost
+    Glow's additive variant); ``coupling="spline"`` maps ``y_b`` to ``x_b`` by the rational-quadratic
+    spline of neural spline flows in closed form (data to noise, as in the paper; noise to data by
+    its root), ``3K - 1`` network outputs per moved entry. Both directions cost
     one network pass. Any other element-wise map can be given as ``elementwise``.
 
     - ``mask="channel"``: ``x_a`` is half the channels (see :func:`channel_split`); the

@@ -42,6 +42,11 @@ derivatives only the two at the bin's ends are computed.
 The spline branch sees the input clamped into ``[-B, B]``, so the unused branch of the
 tails stays finite and so do the gradients.
 
+``inverted=True`` gives the map ``g^{-1}`` (its forward is the root, its inverse the closed
+form, ``log (g^{-1})' = -log g'``). The density models of [1] apply ``g`` in closed form from
+data to noise; in Pyro's convention (forward maps noise to data) that is the inverted map,
+which the layers that train on the density of data (the MAF direction, the couplings) use.
+
 Example::
 
     >>> import torch
@@ -53,6 +58,9 @@ Example::
     (True, True)
     >>> torch.allclose(g.forward(x, torch.zeros(g.num_params, 1))[0], x)  # raw zeros: the identity
     True
+    >>> h = RationalQuadraticSpline(bins=4, bound=3.0, inverted=True)  # g^{-1}: the root forward
+    >>> torch.allclose(h.inverse(x, params)[0], y), torch.allclose(h.inverse(x, params)[1], -ladj)
+    (True, True)
 
 References:
 
@@ -98,6 +106,7 @@ class RationalQuadraticSpline:
         bound: the half-width ``B`` of the interval (domain and range) of the spline.
         min_width, min_height: the least fraction of ``2B`` a bin takes (``K * min < 1``).
         min_derivative: the least derivative at an interior knot (``< 1``).
+        inverted: the map is ``g^{-1}`` (forward by the root, inverse in closed form).
     """
 
     bins: int = DEFAULT_BINS
@@ -105,6 +114,7 @@ class RationalQuadraticSpline:
     min_width: float = 1e-3
     min_height: float = 1e-3
     min_derivative: float = 1e-3
+    inverted: bool = False
     num_params: int = field(init=False)
     volume_preserving: bool = field(default=False, init=False)
 
@@ -116,6 +126,8 @@ class RationalQuadraticSpline:
         for name in ("min_width", "min_height"):
             _check_number(getattr(self, name), name, below=1 / self.bins, why=f" below 1 / bins = {1 / self.bins:g}")
         _check_number(self.min_derivative, "min_derivative", below=1.0, why=" below 1")
+        if not isinstance(self.inverted, bool):
+            raise TypeError(f"inverted: expected True or False, got {self.inverted!r}")
         object.__setattr__(self, "num_params", 3 * self.bins - 1)
 
     def _raw(self, params: Params) -> Tensor:
@@ -214,6 +226,20 @@ class RationalQuadraticSpline:
         return torch.where(inside, inside_value, v), torch.where(inside, ladj, 0.0)
 
     def forward(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        """``(g(x), log g'(x))`` element-wise, or ``(g^{-1}(x), -log g'(g^{-1}(x)))`` if ``inverted``."""
+        if self.inverted:
+            z, ladj = self._root(x, params)
+            return z, -ladj
+        return self._closed_form(x, params)
+
+    def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        """``(g^{-1}(y), log g'(g^{-1}(y)))`` element-wise, or ``(g(y), -log g'(y))`` if ``inverted``."""
+        if self.inverted:
+            x, ladj = self._closed_form(y, params)
+            return x, -ladj
+        return self._root(y, params)
+
+    def _closed_form(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """``(g(x), log g'(x))`` element-wise (eqs. 4 and 5 of [1]); the identity with ``log g' = 0`` outside."""
         xc, x0, dx, y0, dy, d0, d1, s = self._locate(x, params, 0)
         z = (xc - x0) / dx
@@ -221,7 +247,7 @@ class RationalQuadraticSpline:
         beta, ladj = self._log_derivative(z, z1, s, d0, d1)
         return self._outside(x, xc, y0 + dy * z * (s * z + d0 * z1) / beta, ladj)
 
-    def inverse(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+    def _root(self, y: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """``(x, log g'(x))`` with ``x = g^{-1}(y)``, the root of the bin's quadratic (eqs. 6-8 of [1])."""
         yc, x0, dx, y0, dy, d0, d1, s = self._locate(y, params, 1)
         t = (yc - y0) / dy
@@ -243,7 +269,7 @@ class SplineOptions(TypedDict, total=False):
     bound: float
 
 
-def spline_map(options: Mapping[str, Any]) -> tuple[RationalQuadraticSpline, dict[str, Any]]:
+def spline_map(options: Mapping[str, Any], *, inverted: bool = False) -> tuple[RationalQuadraticSpline, dict[str, Any]]:
     """The :class:`RationalQuadraticSpline` that ``options`` name (``bins``, ``bound``), and the other options.
 
     Example::
@@ -253,4 +279,5 @@ def spline_map(options: Mapping[str, Any]) -> tuple[RationalQuadraticSpline, dic
         ((4, 5.0, 11), {'mask': 'half'})
     """
     rest = dict(options)
-    return RationalQuadraticSpline(rest.pop("bins", DEFAULT_BINS), rest.pop("bound", DEFAULT_BOUND)), rest
+    bins, bound = rest.pop("bins", DEFAULT_BINS), rest.pop("bound", DEFAULT_BOUND)
+    return RationalQuadraticSpline(bins, bound, inverted=inverted), rest

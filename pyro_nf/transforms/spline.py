@@ -5,16 +5,22 @@ is the monotonic rational-quadratic spline
 (:class:`~pyro_nf.transforms.rational_quadratic.RationalQuadraticSpline`): on ``[-B, B]``
 ``K`` bins, each a ratio of two quadratics, with knots, heights and interior derivatives
 from ``3K - 1`` raw network outputs per element; outside, the identity. For element ``i``
-with raw parameters ``theta_i`` from the network,
+with raw parameters ``theta_i`` from the network, the layers that train on the density of
+data (the MAF direction, ``theta_i = theta_i(x_<i)``, and the couplings,
+``theta_i = theta_i(x_a)`` for the moved half ``x_b``) map data to noise by the spline in
+closed form, as in the paper; the IAF direction (``theta_i = theta_i(z_<i)``) maps noise to
+data by it:
 
 .. math::
 
-    x_i = g(z_i; \\theta_i), \\qquad
-    \\log|\\det \\partial x / \\partial z| = \\textstyle\\sum_i \\log g'(z_i; \\theta_i),
+    z_i = g(x_i; \\theta_i) \\ \text{(MAF, coupling)}, \\qquad
+    x_i = g(z_i; \\theta_i) \\ \text{(IAF)}, \\qquad
+    \\log|\\det \\partial z / \\partial x| = \\textstyle\\sum_i \\log g'(x_i; \\theta_i) \\ \text{(MAF)}.
 
-with ``theta_i = theta_i(x_<i)`` (autoregressive, data side: the MAF direction),
-``theta_i(z_<i)`` (autoregressive, noise side: the IAF direction) or
-``theta_i(x_a)`` for the moved half ``x_b`` of a coupling layer. The skeletons are the
+The other direction of each solves the bin's quadratic (its stable root); the
+closed form and the root are equally exact, but the direction decides which family of
+functions the network parametrises, and the closed form on the side that is trained is the
+one measured to fit as well as zuko's NSF (``docs/families/splines.md``). The skeletons are the
 affine flows' (:mod:`pyro_nf.transforms.autoregressive`, :mod:`pyro_nf.transforms.coupling`):
 only the map differs, so every option of MAF, IAF and RealNVP works here too, and the
 sequential direction of the autoregressive layers runs through the MADE's incremental
@@ -84,9 +90,10 @@ class SplineAutoregressive(Autoregressive):
     """One learnable autoregressive spline layer: :class:`~pyro_nf.transforms.autoregressive.Autoregressive`
     with a :class:`~pyro_nf.transforms.rational_quadratic.RationalQuadraticSpline`.
 
-    ``x_i = g(z_i; theta_i(x_<i))`` with ``parallel="inverse"`` (density in one pass, a MAF
-    layer), ``x_i = g(z_i; theta_i(z_<i))`` with ``parallel="forward"`` (sampling in one pass,
-    an IAF layer); the MADE gives ``3K - 1`` raw parameters per input.
+    ``z_i = g(x_i; theta_i(x_<i))`` with ``parallel="inverse"`` (density in one pass, a MAF
+    layer: the spline in closed form from data to noise), ``x_i = g(z_i; theta_i(z_<i))`` with
+    ``parallel="forward"`` (sampling in one pass, an IAF layer); the MADE gives ``3K - 1`` raw
+    parameters per input.
 
     Args:
         made: a :class:`~pyro_nf.nn.MADE` with ``num_params = 3 bins - 1``.
@@ -114,7 +121,8 @@ class SplineAutoregressive(Autoregressive):
         bins: int = DEFAULT_BINS,
         bound: float = DEFAULT_BOUND,
     ) -> None:
-        super().__init__(made, RationalQuadraticSpline(bins, bound), parallel, cache_size, sequential)
+        g = RationalQuadraticSpline(bins, bound, inverted=parallel == "inverse")
+        super().__init__(made, g, parallel, cache_size, sequential)
 
 
 class ConditionalSplineAutoregressive(ConditionalAutoregressive):
@@ -137,13 +145,15 @@ class ConditionalSplineAutoregressive(ConditionalAutoregressive):
         bins: int = DEFAULT_BINS,
         bound: float = DEFAULT_BOUND,
     ) -> None:
-        super().__init__(made, RationalQuadraticSpline(bins, bound), parallel, sequential)
+        g = RationalQuadraticSpline(bins, bound, inverted=parallel == "inverse")
+        super().__init__(made, g, parallel, sequential)
 
 
 class SplineCoupling(Coupling):
     """A learnable coupling layer with a rational-quadratic spline, keeping the entries where ``kept`` is True.
 
-    ``y_a = x_a``, ``y_b = g(x_b; theta(x_a))``: the network maps the kept entries to
+    ``y_a = x_a``, ``x_b = g(y_b; theta(x_a))`` (the spline in closed form from data ``y`` to
+    noise ``x``, as in the paper; the root from noise to data): the network maps the kept entries to
     ``3K - 1`` raw parameters per moved entry (laid out in ``3K - 1`` blocks of the moved size).
 
     Example::
@@ -164,7 +174,7 @@ class SplineCoupling(Coupling):
         bins: int = DEFAULT_BINS,
         bound: float = DEFAULT_BOUND,
     ) -> None:
-        super().__init__(net, CouplingSplit(kept), RationalQuadraticSpline(bins, bound), cache_size)
+        super().__init__(net, CouplingSplit(kept), RationalQuadraticSpline(bins, bound, inverted=True), cache_size)
 
 
 class ConditionalSplineCoupling(ConditionalCoupling):
@@ -179,7 +189,8 @@ class ConditionalSplineCoupling(ConditionalCoupling):
     """
 
     def __init__(self, net: MLP, kept: Tensor, *, bins: int = DEFAULT_BINS, bound: float = DEFAULT_BOUND) -> None:
-        super().__init__(net, CouplingSplit(kept), RationalQuadraticSpline(bins, bound), net.context_dim)
+        g = RationalQuadraticSpline(bins, bound, inverted=True)
+        super().__init__(net, CouplingSplit(kept), g, net.context_dim)
 
 
 def spline_autoregressive(
@@ -254,10 +265,11 @@ def _nsf_stack(
     options: NSFOptions,
 ) -> list[nn.Module]:
     check_options(factory, options, NSFOptions)
-    g, rest = spline_map(options)
-    coupling = rest.pop("coupling", False)
+    coupling = options.get("coupling", False)
     if not isinstance(coupling, bool):
         raise TypeError(f"{factory}: coupling: expected True or False, got {coupling!r}")
+    g, rest = spline_map(options, inverted=coupling or options.get("parallel", "inverse") == "inverse")
+    rest.pop("coupling", None)
     misplaced = sorted(set(rest) - (_COUPLING_KEYS if coupling else _AUTOREGRESSIVE_KEYS))
     if misplaced:
         layers = "coupling" if coupling else "autoregressive"
