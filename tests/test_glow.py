@@ -10,6 +10,7 @@ import torch
 
 from pyro_nf import ConditionalFlowModel, FlowModel
 from pyro_nf.transforms import ActNorm, ConditionalLatentAffine, InvertibleConv1x1, conditional_glow, glow
+from pyro_nf.transforms.glow import _mix_channels
 
 
 def test_actnorm_initialises_on_the_first_training_batch_only() -> None:
@@ -75,7 +76,44 @@ def test_conv1x1_lu_keeps_its_signs_and_stays_invertible() -> None:
     conv = InvertibleConv1x1((3, 2, 2))
     with torch.no_grad():
         conv.log_s.fill_(-30.0)  # tiny but never zero or sign-flipped
-    assert torch.equal(torch.diagonal(conv._factors()[1]).sign(), conv.sign_s)
+    assert torch.equal(torch.diagonal(conv._upper()).sign(), conv.sign_s)
+
+
+@pytest.mark.parametrize("layout", ["unbatched", "contiguous", "channels_last", "two_batch_dims", "strided"])
+def test_mix_channels_is_a_1x1_convolution_in_every_layout(layout: str) -> None:
+    torch.manual_seed(0)
+    matrix = torch.randn(4, 4, dtype=torch.float64)
+    x = torch.randn(3, 2, 4, 5, 6, dtype=torch.float64)
+    x = {
+        "unbatched": x[0, 0],
+        "contiguous": x[0],
+        "channels_last": x[0].contiguous(memory_format=torch.channels_last),
+        "two_batch_dims": x,
+        "strided": x[0, :, :, ::2],
+    }[layout]
+    expected = torch.einsum("ij,...jhw->...ihw", matrix, x)
+    y = _mix_channels(matrix, x)
+    assert y.shape == x.shape
+    assert torch.allclose(y, expected, atol=1e-12)
+
+
+def test_conv1x1_inverse_follows_a_loaded_permutation() -> None:
+    torch.manual_seed(0)
+    source, target = InvertibleConv1x1((5, 2, 2)).double(), InvertibleConv1x1((5, 2, 2)).double()
+    assert not torch.equal(source.permutation, target.permutation)  # two draws of the random rotation
+    target.load_state_dict(source.state_dict())
+    assert "permutation_t" not in source.state_dict()  # derived, not saved: the checkpoint format is unchanged
+    assert torch.equal(target.permutation_t, source.permutation.T)
+    identity = torch.eye(5, dtype=torch.float64)
+    assert torch.allclose(target.inverse_matrix() @ target.matrix(), identity, atol=1e-12)
+    assert torch.allclose(target.inverse_matrix(), torch.linalg.inv(source.matrix()), atol=1e-12)
+
+
+def test_conv1x1_inverse_trains_only_the_strict_lower_factor() -> None:
+    conv = InvertibleConv1x1((4, 2, 2)).double()
+    conv.inverse_and_log_det(torch.randn(3, 4, 2, 2, dtype=torch.float64))[0].square().sum().backward()
+    assert conv.lower.grad is not None and conv.lower.grad.abs().sum() > 0
+    assert torch.equal(conv.lower.grad, conv.lower.grad.tril(-1))
 
 
 def test_glow_rejects_shapes_that_do_not_divide() -> None:

@@ -89,7 +89,8 @@ class ChannelSplit(nn.Module):
         return torch.cat((x_a, y_b) if self.parity == 0 else (y_b, x_a), dim=-3)
 
     def log_det(self, ladj: Tensor) -> Tensor:
-        return ladj.sum((-3, -2, -1))
+        # keepdim and a view: the backward is one expand (no unsqueeze of each summed dimension)
+        return ladj.sum((-3, -2, -1), keepdim=True).view(ladj.shape[:-3])
 
 
 class CheckerboardSplit(nn.Module):
