@@ -121,6 +121,39 @@ def test_throughput_builds_the_default_mnist_glow(tmp_path: Path) -> None:
     assert "needs a CUDA device" in rows[("pyro_nf", "captured")][-1]
 
 
+@pytest.mark.filterwarnings("ignore:torch.lu is deprecated:UserWarning")  # normflows' and nflows' LU convolutions
+@pytest.mark.filterwarnings("ignore:torch.triangular_solve is deprecated:UserWarning")
+def test_operation_count_smoke(tmp_path: Path) -> None:
+    """``benchmarks/image_ops.py``: every row, kinds that add up, the fused optimizer, the table in a page."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import image_ops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert [image_ops.kind(n) for n in ("view", "clone", "_local_scalar_dense", "convolution")] == [
+        "views and metadata",
+        "copies and allocation",
+        "host synchronisation",
+        "arithmetic",
+    ]
+    page = tmp_path / "page.md"
+    page.write_text("# p\n\n<!-- image-ops:start -->\nold\n<!-- image-ops:end -->\n\nafter\n")
+    image_ops.main(["--smoke-test", "--docs", str(page)])
+    text = page.read_text()
+    assert "old" not in text and text.endswith("<!-- image-ops:end -->\n\nafter\n")
+    rows = {(r[0], r[1]): [int(c) for c in r[2:]] for r in _table_rows(page)}
+    assert set(rows) == {(lib, p) for lib in image_ops.BUILDERS for p in (*image_ops.PHASES, "**step**")}
+    for (library, phase), (total, *kinds) in rows.items():
+        assert total == sum(kinds) > 0
+        if phase == "**step**":
+            assert total == sum(rows[(library, p)][0] for p in image_ops.PHASES)
+    assert rows[("pyro_nf, fused Adam", "optimizer")][0] < 10 < rows[("pyro_nf", "optimizer")][0]
+    assert rows[("pyro_nf, fused Adam", "backward")] == rows[("pyro_nf", "backward")]
+    page.write_text("no markers")
+    with pytest.raises(ValueError, match="image-ops:start"):
+        image_ops.write_docs(page, "table")
+
+
 def test_gpu_script_smoke(tmp_path: Path) -> None:
     """The prepared GPU measurement in its CPU smoke mode: both parts run and write their files."""
     script = ROOT / "benchmarks" / "gpu_images.py"
