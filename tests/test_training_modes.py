@@ -81,6 +81,25 @@ def test_compiled_and_bf16_runs_follow_the_eager_run(
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision"] == "bf16"
 
 
+def test_a_bf16_run_is_evaluated_in_float32(
+    digits_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bits/dim a bf16 run reports are its saved model's in float32, not under bf16 autocast."""
+    from pyro_nf.training import trained
+    from pyro_nf.training.step import autocast
+
+    argv = ["train", "--flow", "glow", "--data", digits_file, *IMAGE, "--steps", 6, "--lr", 0.01, "--warmup-steps", 0]
+    argv += ["--val-every", 6, "--device", "cpu", "--precision", "bf16", "--out", tmp_path / "bf16"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    reported = json.loads((tmp_path / "bf16" / "metrics.json").read_text())["test_bpd"]
+    float32 = trained.evaluate(tmp_path / "bf16", split="test", device="cpu")["value"]
+    with autocast("cpu", "bf16"):
+        bf16 = trained.evaluate(tmp_path / "bf16", split="test", device="cpu")["value"]
+    assert reported == pytest.approx(float32, rel=1e-12, abs=0)
+    assert abs(bf16 - float32) > 1e-7  # the two evaluations differ, so the check can tell which one ran
+
+
 def test_losses_read_every_few_steps_stop_at_the_right_step(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

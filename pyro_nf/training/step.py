@@ -14,7 +14,8 @@ runs the same step in any of these forms, each an option:
   while the affine maps, the 1x1 convolutions, every log-det and the loss stay in float32;
 - **channels_last** (``channels_last=True``): the networks' convolution weights in the
   ``channels_last`` memory format, so the convolutions run on ``(N, H, W, C)`` data (on one CPU
-  thread a Glow coupling network at MNIST's sizes runs 1.8x faster so).
+  thread the coupling network of the default MNIST Glow, batch 64, forward and backward, runs 1.33x
+  faster so at 14x14 and 1.06x at 7x7).
 
 Calling the step with a batch returns ``[loss, gradient norm]`` as a tensor on the device,
 after the update, without reading it back, so a loop can read the losses every few steps
