@@ -59,6 +59,24 @@ def test_protocol_and_layout() -> None:
         assert (knots[..., 0] == -g.bound).all() and (knots[..., -1] == g.bound).all()
         assert (knots.diff(dim=-1) >= 2 * g.bound * minimum * (1 - 1e-9)).all()
     assert (ds[..., [0, -1]] == 1).all() and (ds >= g.min_derivative * (1 - 1e-12)).all()
+    assert (ds <= (1 + 1e-12) / g.min_derivative).all()
+
+
+def test_huge_raws_are_squashed_into_bounded_knots() -> None:
+    """Raws of any size give derivatives in ``(m, 1 / m)`` and bin sizes within a factor 1000 (then the minimum)."""
+    g = RationalQuadraticSpline(bins=4, min_derivative=1e-2)
+    raw = torch.tensor([1e6, -1e6, 0.0, 0.0, -1e6, 1e6, 0.0, 0.0, 1e6, -1e6, 0.0], dtype=torch.float64)
+    xs, ys, ds = g.knots(raw[:, None])
+    inner = ds[0, 1:-1]
+    torch.testing.assert_close(inner, torch.tensor([1e2, 1e-2, 1.0], dtype=torch.float64), rtol=1e-4, atol=0)
+    assert (inner > 1e-2).all() and (inner < 1e2).all()
+    for knots in (xs[0], ys[0]):
+        fractions = (knots.diff() / (2 * g.bound) - g.min_width) / (1 - g.bins * g.min_width)
+        assert fractions.max() / fractions.min() == pytest.approx(1000.0, rel=1e-4)
+    # the map stays smooth: the derivative of the knots in the raws is finite and nonzero for large raws
+    r = torch.full((1,), 50.0, dtype=torch.float64, requires_grad=True)
+    (g._derivative(r)).sum().backward()
+    assert r.grad is not None and 0 < r.grad.item() < float("inf")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
