@@ -6,17 +6,29 @@ nflows (``benchmarks/images.py``'s builders), takes two warm-up training steps o
 data-dependent initialisation, Adam's state) and counts the aten operations of the third under a
 ``TorchDispatchMode``: every operator call that reaches a kernel, on the CPU. The step is the same for all
 three libraries: ``loss = -log_prob(x).mean()`` (forward), ``loss.backward()`` (backward), ``Adam.step()``
-(optimizer: the default for-each implementation, and for the row ``pyro_nf, fused Adam`` the fused one of
+(optimizer: the for-each implementation, Adam's default on a GPU, asked for explicitly since the CPU's default
+is a loop over the parameters; for the row ``pyro_nf, fused Adam`` the fused one of
 ``TrainingStep(fused_optimizer=True)``). The count does not depend on the batch size or the
 device; on a GPU, where a step of this model is bound by launches, it is the number of kernels to launch
-(less the views, which launch none).
+(less the views, which launch none, and a for-each operation launches one kernel per chunk of tensors).
 
 Each operation has one kind:
 
 - *views and metadata*: ``view``, ``permute``, ``expand``, ``detach``, ... (no data touched, no kernel);
 - *copies and allocation*: ``clone``, ``cat``, ``copy_``, ``zeros``, ``fill_``, ... (memory traffic, no math);
-- *host synchronisation*: ``_local_scalar_dense`` (``.item()``, ``bool(tensor)``) and the like;
+- *host synchronisation*: ``_local_scalar_dense`` (``.item()``, ``bool(tensor)``) and the like (Adam's reads of
+  its step counters are of this kind, but the counters live on the host, so on a GPU they wait for nothing);
 - *arithmetic*: everything else (convolutions, element-wise math, reductions, Adam's for-each updates).
+
+``--host-time`` also times the step where its arithmetic costs next to nothing: the same architecture with
+``--host-hidden`` (8) hidden channels on a batch of one, every operation on a few hundred numbers, so that
+the time is the host's work per step (Python, the transforms' glue, the dispatcher and the operations'
+overhead), the cost that bounds a launch-bound GPU step before the launches themselves. Process CPU time on
+one thread, the libraries taking turns in every repeat; the median of the repeats' mean step times.
+``--host-compiled`` adds the row ``pyro_nf, compiled``: ``TrainingStep(compile=True)`` (the Glow steps
+compiled by inductor, fused Adam, the gradient norm computed as the step reports it), compiled before the
+timing; on a CPU inductor emits C++ kernels, so the row says how much host work compiling removes, not what
+the GPU's kernels cost.
 
 ``--docs PAGE`` writes the table between the page's ``image-ops`` markers; ``--top N`` also prints each
 library's N most frequent operations per phase. ``--smoke-test`` counts a tiny Glow.
@@ -25,7 +37,9 @@ library's N most frequent operations per phase. ``--smoke-test`` counts a tiny G
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -95,7 +109,7 @@ def count_step(
     """The operations of each phase of a library's third training step (``fused``: Adam's fused update)."""
     torch.manual_seed(0)
     model, log_prob, _ = make(depth, hidden, shape, levels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=not fused, fused=fused or None)
     x = torch.rand(batch_size, *shape, generator=torch.Generator().manual_seed(1))  # dequantized images in [0, 1)
     model.train()
     counters: dict[str, Counter[str]] = {}
@@ -110,6 +124,79 @@ def count_step(
             optimizer.step()
         counters = {phase: counter.counts for phase, counter in phases.items()}
     return counters
+
+
+def host_times(
+    libraries: list[str],
+    shape: tuple[int, int, int],
+    levels: int,
+    depth: int,
+    hidden: int,
+    steps: int,
+    repeats: int,
+    compiled: bool = False,
+) -> dict[str, float]:
+    """Milliseconds of process CPU time per training step on a batch of one, per library (``hidden`` small, so
+    that the arithmetic is negligible): the median over ``repeats`` of the mean of ``steps`` steps, the
+    libraries taking turns in every repeat."""
+    runs: dict[str, Callable[[], None]] = {}
+    for library in libraries:
+        torch.manual_seed(0)
+        model, log_prob, _ = BUILDERS[library](depth, hidden, shape, levels)
+        fused = "fused" in library
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=not fused, fused=fused or None)
+        x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1))
+        model.train()
+
+        def step(model: nn.Module = model, log_prob: Any = log_prob, optimizer: Any = optimizer, x: Tensor = x) -> None:
+            optimizer.zero_grad()
+            (-log_prob(x).mean()).backward()
+            optimizer.step()
+
+        for _ in range(3):  # ActNorm's initialisation, Adam's state, allocator warm-up
+            step()
+        runs[library] = step
+    if compiled:
+        from pyro_nf.training.step import TrainingStep
+
+        torch.manual_seed(0)
+        model, log_prob, _ = pyro_nf_glow(depth, hidden, shape, levels)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1))
+        model.train()
+        training_step = TrainingStep(model, optimizer, lambda batch: -log_prob(batch).mean(), compile=True)
+        for _ in range(4):  # ActNorm's initialisation, then the variants after it compiled
+            training_step(x)
+
+        def compiled_step(training_step: TrainingStep = training_step, x: Tensor = x) -> None:
+            training_step(x)
+
+        runs["pyro_nf, compiled"] = compiled_step
+    samples: dict[str, list[float]] = {library: [] for library in runs}
+    for _ in range(repeats):
+        for library, step in runs.items():
+            start = time.process_time()
+            for _ in range(steps):
+                step()
+            samples[library].append(1e3 * (time.process_time() - start) / steps)
+    return {library: statistics.median(values) for library, values in samples.items()}
+
+
+def host_table(times: dict[str, float], command: str, title: str) -> str:
+    """The Markdown table of :func:`host_times`, with each library's time over normflows'."""
+    reference = times.get("normflows")
+    lines = [
+        title,
+        "",
+        f"```text\n{command}\n```",
+        "",
+        "| library | ms per step | / normflows |",
+        "| --- | ---: | ---: |",
+    ]
+    for library, ms in times.items():
+        ratio = f"{ms / reference:.2f}" if reference else "-"
+        lines.append(f"| {library} | {ms:.1f} | {ratio} |")
+    return "\n".join(lines)
 
 
 def table(rows: dict[str, dict[str, Counter[str]]], command: str, title: str) -> str:
@@ -154,6 +241,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--top", type=int, default=0, help="also print each phase's N most frequent operations")
     parser.add_argument("--docs", default=None, help="write the table into this page (docs/families/images.md)")
     parser.add_argument("--smoke-test", action="store_true", help="a tiny Glow (8x8, depth 2, hidden 8)")
+    host = parser.add_argument_group("the host's work per step (batch 1, few channels)")
+    host.add_argument("--host-time", action="store_true", help="also time each library's step on a batch of one")
+    host.add_argument("--host-hidden", type=int, default=8, help="hidden channels of the timed models")
+    host.add_argument("--host-steps", type=int, default=20, help="steps per repeat")
+    host.add_argument("--host-repeats", type=int, default=5)
+    host.add_argument("--host-compiled", action="store_true", help="also time TrainingStep(compile=True)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     shape = (1, 8, 8) if args.smoke_test else (1, 28, 28)
@@ -177,6 +270,19 @@ def main(argv: list[str] | None = None) -> str:
         f"{depth}, hidden {hidden}, affine couplings; torch {torch.__version__}"
     )
     text = table(rows, command, title)
+    if args.host_time:
+        steps, repeats = (2, 2) if args.smoke_test else (args.host_steps, args.host_repeats)
+        times = host_times(list(rows), shape, args.levels, depth, args.host_hidden, steps, repeats, args.host_compiled)
+        host_command = command + f" --host-time --host-hidden {args.host_hidden}"
+        if args.host_compiled:
+            host_command += " --host-compiled"
+        if not args.smoke_test:
+            host_command += f" --host-steps {steps} --host-repeats {repeats}"
+        host_title = (
+            f"The host's work per training step: the same Glow with {args.host_hidden} hidden channels, batch 1, "
+            f"process CPU time on one thread, median of {repeats} repeats of {steps} steps, the libraries in turn"
+        )
+        text += "\n\n" + host_table(times, host_command, host_title)
     print(text)
     if args.docs:
         write_docs(Path(args.docs), text)

@@ -90,6 +90,12 @@ def compile_flow(module: nn.Module, **options: Any) -> nn.Module:
     of compiled variants per code object is raised to at least 64, since a flow's blocks
     share their methods' code.
 
+    Shapes are static unless ``dynamic`` is given: each shape a block sees (one per level of a
+    multiscale flow, and a new batch size such as an epoch's last partial batch) is compiled
+    once for that shape. With ``torch.compile``'s default, the second shape turns on symbolic
+    sizes, and inductor (torch 2.13) then fails on a batch of one ("cannot determine truth value
+    of Relational"); static kernels are also what a captured CUDA graph replays.
+
     Example::
 
         >>> from pyro_nf import FlowModel
@@ -101,6 +107,7 @@ def compile_flow(module: nn.Module, **options: Any) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"compile_flow: expected an nn.Module, got {type(module).__name__}")
+    options.setdefault("dynamic", False)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
     for block in compiled_blocks(module):

@@ -149,6 +149,26 @@ def test_operation_count_smoke(tmp_path: Path) -> None:
             assert total == sum(rows[(library, p)][0] for p in image_ops.PHASES)
     assert rows[("pyro_nf, fused Adam", "optimizer")][0] < 10 < rows[("pyro_nf", "optimizer")][0]
     assert rows[("pyro_nf, fused Adam", "backward")] == rows[("pyro_nf", "backward")]
+
+
+def test_host_time_smoke(tmp_path: Path) -> None:
+    """``benchmarks/image_ops.py --host-time``: a positive time per library and its ratio to normflows'."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import image_ops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    page = tmp_path / "page.md"
+    page.write_text("<!-- image-ops:start -->\n<!-- image-ops:end -->\n")
+    image_ops.main(["--smoke-test", "--host-time", "--docs", str(page)])
+    host = page.read_text().split("The host's work per training step", 1)[1]
+    (tmp_path / "host.md").write_text(host)
+    rows = {r[0]: r[1:] for r in _table_rows(tmp_path / "host.md")}
+    assert set(rows) == set(image_ops.BUILDERS)
+    assert all(float(ms) > 0 for ms, _ in rows.values())
+    assert rows["normflows"][1] == "1.00"
+    ms = {library: float(cells[0]) for library, cells in rows.items()}
+    assert float(rows["nflows"][1]) == pytest.approx(ms["nflows"] / ms["normflows"], abs=0.05)  # from ms rounded to 0.1
     page.write_text("no markers")
     with pytest.raises(ValueError, match="image-ops:start"):
         image_ops.write_docs(page, "table")
