@@ -25,10 +25,11 @@ Each operation has one kind:
 the time is the host's work per step (Python, the transforms' glue, the dispatcher and the operations'
 overhead), the cost that bounds a launch-bound GPU step before the launches themselves. Process CPU time on
 one thread, the libraries taking turns in every repeat; the median of the repeats' mean step times.
-``--host-compiled`` adds the row ``pyro_nf, compiled``: ``TrainingStep(compile=True)`` (the Glow steps
-compiled by inductor, fused Adam, the gradient norm computed as the step reports it), compiled before the
-timing; on a CPU inductor emits C++ kernels, so the row says how much host work compiling removes, not what
-the GPU's kernels cost.
+``--host-compiled`` adds the rows ``pyro_nf, compiled``: ``TrainingStep(compile=True)`` (the Glow steps
+compiled by inductor, fused Adam, the gradient norm computed as the step reports it) and ``pyro_nf, compiled
+whole``: ``TrainingStep(compile="whole")`` (the loss as one graph), each compiled before the timing; on a CPU
+inductor emits C++ kernels, so the rows say how much host work compiling removes, not what the GPU's kernels
+cost.
 
 ``--docs PAGE`` writes the table between the page's ``image-ops`` markers; ``--top N`` also prints each
 library's N most frequent operations per phase. ``--smoke-test`` counts a tiny Glow.
@@ -159,19 +160,21 @@ def host_times(
     if compiled:
         from pyro_nf.training.step import TrainingStep
 
-        torch.manual_seed(0)
-        model, log_prob, _ = pyro_nf_glow(depth, hidden, shape, levels)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1))
-        model.train()
-        training_step = TrainingStep(model, optimizer, lambda batch: -log_prob(batch).mean(), compile=True)
-        for _ in range(4):  # ActNorm's initialisation, then the variants after it compiled
-            training_step(x)
+        for scope, row in (("blocks", "pyro_nf, compiled"), ("whole", "pyro_nf, compiled whole")):
+            torch.manual_seed(0)
+            model, log_prob, _ = pyro_nf_glow(depth, hidden, shape, levels)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1))
+            model.train()
+            loss = _mean_loss(log_prob)
+            training_step = TrainingStep(model, optimizer, loss, compile=scope)  # type: ignore[arg-type]
+            for _ in range(4):  # ActNorm's initialisation, then the variants after it compiled
+                training_step(x)
 
-        def compiled_step(training_step: TrainingStep = training_step, x: Tensor = x) -> None:
-            training_step(x)
+            def compiled_step(training_step: TrainingStep = training_step, x: Tensor = x) -> None:
+                training_step(x)
 
-        runs["pyro_nf, compiled"] = compiled_step
+            runs[row] = compiled_step
     samples: dict[str, list[float]] = {library: [] for library in runs}
     for _ in range(repeats):
         for library, step in runs.items():
@@ -180,6 +183,15 @@ def host_times(
                 step()
             samples[library].append(1e3 * (time.process_time() - start) / steps)
     return {library: statistics.median(values) for library, values in samples.items()}
+
+
+def _mean_loss(log_prob: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``x -> -log_prob(x).mean()``: a named function, so that a whole compile traces it once."""
+
+    def loss(x: Tensor) -> Tensor:
+        return -log_prob(x).mean()
+
+    return loss
 
 
 def host_table(times: dict[str, float], command: str, title: str) -> str:

@@ -13,6 +13,7 @@ pyro_nf's modes are those of :class:`pyro_nf.training.step.TrainingStep`:
 - ``eager + channels_last``: the networks' weights and the batch in the ``channels_last`` memory format;
 - ``bf16``: the coupling networks under bf16 autocast (maps, log-dets and loss in float32);
 - ``compiled``: the flow's blocks compiled (``pyro_nf.compiled.compile_flow``, inductor), fused Adam;
+- ``compiled whole``: the whole loss compiled as one graph (``TrainingStep(compile="whole")``), fused Adam;
 - ``captured``: the whole step recorded as one CUDA graph and replayed (CUDA only), capturable fused Adam;
 
 and their combinations. A mode that fails gets its error in the table; the others keep their numbers. With
@@ -49,6 +50,9 @@ MODES: dict[str, dict[str, Any]] = {
     "captured + bf16": {"cuda_graph": True, "precision": "bf16"},
     "compiled + captured": {"compile": True, "cuda_graph": True},
     "compiled + captured + bf16": {"compile": True, "cuda_graph": True, "precision": "bf16"},
+    "compiled whole": {"compile": "whole"},
+    "compiled whole + captured": {"compile": "whole", "cuda_graph": True},
+    "compiled whole + captured + bf16": {"compile": "whole", "cuda_graph": True, "precision": "bf16"},
 }
 """pyro_nf's modes: the :class:`TrainingStep` options of each (``channels_last`` is the memory format)."""
 

@@ -155,6 +155,34 @@ def test_a_compiled_step_gives_the_eager_loss_and_gradients(make) -> None:  # ty
     _compare_steps(eager, compiled, [_batch(seed) for seed in (1, 2, 3)], 1e-5)
 
 
+def test_a_compiled_step_takes_a_batch_of_one_and_a_partial_batch() -> None:
+    """Inductor over a batch of one, then of five (each shape compiled statically): the eager losses."""
+    torch.manual_seed(0)
+    eager = _make_step(_glow_model(), fused_optimizer=True)
+    torch.manual_seed(0)
+    compiled = _make_step(_glow_model(), compile=True)
+    _compare_steps(eager, compiled, [_batch(1, n=1), _batch(2, n=5)], 1e-5)
+
+
+def test_a_step_compiled_whole_gives_the_eager_loss_and_gradients() -> None:
+    """``compile="whole"``: the loss as one inductor graph; ActNorm initialised eagerly first, as eager does."""
+    torch.manual_seed(0)
+    eager = _make_step(_glow_model(), fused_optimizer=True)
+    torch.manual_seed(0)
+    compiled = _make_step(_glow_model(), compile="whole", compile_options={"fullgraph": True})
+    assert compiled.compile_scope == "whole" and compiled.compiled
+    _compare_steps(eager, compiled, [_batch(seed) for seed in (1, 2, 3)], 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("compile", "error"), [("model", ValueError), (1, TypeError), (None, TypeError)], ids=["name", "int", "none"]
+)
+def test_a_compile_scope_not_known_is_a_clear_error(compile: object, error: type[Exception]) -> None:
+    model = _glow_model()
+    with pytest.raises(error, match="compile"):
+        _make_step(model, compile=compile)
+
+
 def test_the_eager_step_is_the_plain_loop() -> None:
     """Eager, float32: exactly what zero_grad, backward, clip_grad_norm_ and Adam.step give."""
     a, b = _initialised(_glow_model()), _initialised(_glow_model())

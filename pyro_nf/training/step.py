@@ -5,8 +5,10 @@ default MNIST Glow launches some six thousand small operations per step. :class:
 runs the same step in any of these forms, each an option:
 
 - **eager** (the default): the step as written, operation by operation;
-- **compiled** (``compile=True``): the flow's repeated blocks compiled with ``torch.compile``
-  (:func:`pyro_nf.compiled.compile_flow`), element-wise work fused into few kernels;
+- **compiled** (``compile=True`` or ``"blocks"``): the flow's repeated blocks compiled with
+  ``torch.compile`` (:func:`pyro_nf.compiled.compile_flow`), element-wise work fused into few
+  kernels, the glue between blocks eager; ``compile="whole"``: the whole loss compiled as one
+  graph (static shapes), which takes longer to compile and leaves less work to the host;
 - **captured** (``cuda_graph=True``, CUDA only): the whole step recorded once as a CUDA graph
   (:func:`pyro_nf.graphs.capture_step`) and replayed with one launch per step; combines with
   ``compile``;
@@ -46,10 +48,31 @@ from pyro_nf.training.distributed import DistributedContext
 from pyro_nf.training.validation import step_modes
 from pyro_nf.transforms.normalization import ActNorm
 
-__all__ = ["PRECISIONS", "Precision", "TrainingStep", "autocast", "read_interval", "training_step"]
+__all__ = [
+    "COMPILE_SCOPES",
+    "CompileScope",
+    "PRECISIONS",
+    "Precision",
+    "TrainingStep",
+    "autocast",
+    "read_interval",
+    "training_step",
+]
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+CompileScope = Literal["blocks", "whole"]
+COMPILE_SCOPES: tuple[CompileScope, ...] = ("blocks", "whole")
+
+
+def _compile_scope(compile: object) -> CompileScope | None:
+    """``compile`` as a scope: ``False`` is none, ``True`` is ``"blocks"``; a clear error for anything else."""
+    if isinstance(compile, bool):
+        return "blocks" if compile else None
+    if not isinstance(compile, str):
+        raise TypeError(f"compile: expected a bool or one of {COMPILE_SCOPES}, got {type(compile).__name__}")
+    check_choice(compile, COMPILE_SCOPES, "compile")
+    return compile  # type: ignore[return-value]
 
 
 def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager[object]:
@@ -80,7 +103,10 @@ class TrainingStep:
         optimizer: an optimizer of ``model``'s parameters; ``cuda_graph`` and ``fused_optimizer``
             need one with fused and capturable forms (Adam, AdamW).
         loss: the scalar loss of a batch, e.g. ``lambda x: -model.log_prob(x).mean()``.
-        compile: compile the flow's repeated blocks (:func:`~pyro_nf.compiled.compile_flow`).
+        compile: ``True`` or ``"blocks"``: compile the flow's repeated blocks
+            (:func:`~pyro_nf.compiled.compile_flow`); ``"whole"``: compile ``loss`` as one graph
+            (``torch.compile(loss, dynamic=False)``; ``compile_options`` may add ``fullgraph=True``).
+            The data-dependent initialisation (ActNorm) runs the loss eagerly.
         cuda_graph: record the whole step as a CUDA graph on the first call and replay it.
         precision: ``"fp32"`` or ``"bf16"`` (see :func:`autocast`).
         grad_clip: the largest gradient norm; 0 leaves the gradient as it is (its norm is still reported).
@@ -105,7 +131,7 @@ class TrainingStep:
         optimizer: torch.optim.Optimizer,
         loss: Callable[[Tensor], Tensor],
         *,
-        compile: bool = False,
+        compile: bool | CompileScope = False,
         cuda_graph: bool = False,
         precision: Precision = "fp32",
         grad_clip: float = 0.0,
@@ -118,14 +144,16 @@ class TrainingStep:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"TrainingStep: expected a torch optimizer, got {type(optimizer).__name__}")
         check_choice(precision, PRECISIONS, "precision")
+        scope = _compile_scope(compile)
         if isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float)) or not grad_clip >= 0:
             raise ValueError(f"grad_clip: expected a number >= 0 (0 turns clipping off), got {grad_clip!r}")
         if cuda_graph and not torch.cuda.is_available():
             raise RuntimeError("TrainingStep: cuda_graph=True needs a CUDA device, and torch sees none")
         self.model = model
         self.optimizer = optimizer
-        self.loss = loss
-        self.compiled = bool(compile)
+        self.loss = self.eager_loss = loss
+        self.compile_scope: CompileScope | None = scope
+        self.compiled = scope is not None
         self.cuda_graph = bool(cuda_graph)
         self.precision: Precision = precision
         self.grad_clip = float(grad_clip) if grad_clip > 0 else math.inf
@@ -135,9 +163,12 @@ class TrainingStep:
             _prepare_optimizer(optimizer, fused=True, capturable=self.cuda_graph)
         if channels_last:
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        if self.compiled:
+        if scope == "blocks":
             compile_flow(model, **(compile_options or {}))
+        elif scope == "whole":
+            self.loss = torch.compile(loss, **{"dynamic": False, **(compile_options or {})})
         self._graph: CapturedCall | None = None
+        self._initialised = False
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group (in place where a captured step reads it)."""
@@ -161,6 +192,9 @@ class TrainingStep:
     def __call__(self, batch: Tensor) -> Tensor:
         """One step on ``batch``: ``[loss, gradient norm]`` on the device (the loss before the update)."""
         if not self.cuda_graph:
+            if self.compile_scope == "whole" and not self._initialised:  # one compiled variant: ActNorm first
+                self._initialise(batch)
+                self._initialised = True
             return self.run(batch)
         if self._graph is None:
             self._graph = self._capture(batch)
@@ -182,7 +216,7 @@ class TrainingStep:
         kept = {id(t) for m in pending for t in (*m.parameters(), *m.buffers())}
         saved = {id(t): (t, t.detach().clone()) for t in _tensors(self.model) if id(t) not in kept}
         with torch.no_grad(), autocast(batch.device, self.precision):
-            self.loss(batch)
+            self.eager_loss(batch)  # a compiled loss would compile a no-grad variant for this one pass
         with torch.no_grad():
             for t, value in saved.values():
                 t.copy_(value)  # batch statistics (batch norm) are not advanced by this extra pass
