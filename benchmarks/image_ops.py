@@ -108,11 +108,8 @@ def count_step(
     fused: bool = False,
 ) -> dict[str, Counter[str]]:
     """The operations of each phase of a library's third training step (``fused``: Adam's fused update)."""
-    torch.manual_seed(0)
-    model, log_prob, _ = make(depth, hidden, shape, levels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=not fused, fused=fused or None)
-    x = torch.rand(batch_size, *shape, generator=torch.Generator().manual_seed(1))  # dequantized images in [0, 1)
-    model.train()
+    model, log_prob, x = _seeded(make, shape, levels, depth, hidden, batch_size)
+    optimizer = _adam(model, fused)
     counters: dict[str, Counter[str]] = {}
     for _ in range(3):
         phases = {phase: OperationCounter() for phase in PHASES}
@@ -125,6 +122,26 @@ def count_step(
             optimizer.step()
         counters = {phase: counter.counts for phase, counter in phases.items()}
     return counters
+
+
+def _seeded(
+    make: Callable[..., tuple[nn.Module, Callable[[Tensor], Tensor], Any]],
+    shape: tuple[int, int, int],
+    levels: int,
+    depth: int,
+    hidden: int,
+    batch_size: int,
+) -> tuple[nn.Module, Callable[[Tensor], Tensor], Tensor]:
+    """A library's Glow from seed 0 in training mode, its ``log_prob`` and a batch of dequantized images in [0, 1)."""
+    torch.manual_seed(0)
+    model, log_prob, _ = make(depth, hidden, shape, levels)
+    x = torch.rand(batch_size, *shape, generator=torch.Generator().manual_seed(1))
+    return model.train(), log_prob, x
+
+
+def _adam(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
+    """Adam as a GPU runs it by default (for-each), or its fused form."""
+    return torch.optim.Adam(model.parameters(), lr=1e-4, foreach=not fused, fused=fused or None)
 
 
 def host_times(
@@ -142,14 +159,10 @@ def host_times(
     libraries taking turns in every repeat."""
     runs: dict[str, Callable[[], None]] = {}
     for library in libraries:
-        torch.manual_seed(0)
-        model, log_prob, _ = BUILDERS[library](depth, hidden, shape, levels)
-        fused = "fused" in library
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=not fused, fused=fused or None)
-        x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1))
-        model.train()
+        model, log_prob, x = _seeded(BUILDERS[library], shape, levels, depth, hidden, 1)
+        optimizer = _adam(model, "fused" in library)
 
-        def step(model: nn.Module = model, log_prob: Any = log_prob, optimizer: Any = optimizer, x: Tensor = x) -> None:
+        def step(log_prob: Any = log_prob, optimizer: Any = optimizer, x: Tensor = x) -> None:
             optimizer.zero_grad()
             (-log_prob(x).mean()).backward()
             optimizer.step()
@@ -161,13 +174,9 @@ def host_times(
         from pyro_nf.training.step import TrainingStep
 
         for scope, row in (("blocks", "pyro_nf, compiled"), ("whole", "pyro_nf, compiled whole")):
-            torch.manual_seed(0)
-            model, log_prob, _ = pyro_nf_glow(depth, hidden, shape, levels)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-            x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1))
-            model.train()
-            loss = _mean_loss(log_prob)
-            training_step = TrainingStep(model, optimizer, loss, compile=scope)  # type: ignore[arg-type]
+            model, log_prob, x = _seeded(pyro_nf_glow, shape, levels, depth, hidden, 1)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)  # TrainingStep makes it fused
+            training_step = TrainingStep(model, optimizer, _mean_loss(log_prob), compile=scope)  # type: ignore[arg-type]
             for _ in range(4):  # ActNorm's initialisation, then the variants after it compiled
                 training_step(x)
 
@@ -186,7 +195,7 @@ def host_times(
 
 
 def _mean_loss(log_prob: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """``x -> -log_prob(x).mean()``: a named function, so that a whole compile traces it once."""
+    """``x -> -log_prob(x).mean()`` bound to this ``log_prob`` (a lambda in the loop would see the last one)."""
 
     def loss(x: Tensor) -> Tensor:
         return -log_prob(x).mean()

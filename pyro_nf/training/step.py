@@ -153,7 +153,6 @@ class TrainingStep:
         self.optimizer = optimizer
         self.loss = self.eager_loss = loss
         self.compile_scope: CompileScope | None = scope
-        self.compiled = scope is not None
         self.cuda_graph = bool(cuda_graph)
         self.precision: Precision = precision
         self.grad_clip = float(grad_clip) if grad_clip > 0 else math.inf
@@ -169,6 +168,11 @@ class TrainingStep:
             self.loss = torch.compile(loss, **{"dynamic": False, **(compile_options or {})})
         self._graph: CapturedCall | None = None
         self._initialised = False
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs compiled code (either scope)."""
+        return self.compile_scope is not None
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group (in place where a captured step reads it)."""
