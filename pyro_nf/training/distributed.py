@@ -93,7 +93,14 @@ class DistributedContext:
         """Whether ``ok`` holds on every process: a process that failed tells the others, which then stop too."""
         return not self.any_true(not ok)
 
-    def close(self) -> None:
-        """Leave the process group if this context joined it."""
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group if this context joined it; with ``wait``, all processes together.
+
+        The barrier first: a process that tore gloo down while another still used it could abort the other
+        at exit ("terminate called without an active exception"). A process that failed leaves without it
+        (``wait=False``), since the others may never reach it.
+        """
         if self.owns_group:
+            if wait:
+                torch_dist.barrier()
             torch_dist.destroy_process_group()

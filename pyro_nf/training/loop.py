@@ -103,13 +103,16 @@ def train(
             try:
                 run.set_up()
                 run.run()
-                return run.finish()
+                result = run.finish()
             except (TrainingInterrupted, OSError) as error:
                 raise stopped_error(error, run.out, run.last_saved, resume) from None
             finally:
                 run.close()
-    finally:
-        context.close()
+    except BaseException:
+        context.close(wait=False)
+        raise
+    context.close()
+    return result
 
 
 class _Run:
